@@ -1,0 +1,1 @@
+"""Runtime backends, registered by name and imported lazily."""

@@ -1,0 +1,27 @@
+"""deployq: one elastic quantization supernet, many hardware targets.
+
+Importing deployq must stay cheap and must never import onnxruntime-qnn,
+tensorrt or CUDA: backends load lazily when first used.
+"""
+
+__version__ = "0.1.0"
+
+from deployq.errors import GateFailed, UserError  # noqa: E402
+from deployq.spec import (  # noqa: E402
+    ElasticSpace,
+    Form,
+    LayerSpec,
+    QuantSpec,
+    SubnetSpec,
+)
+
+__all__ = [
+    "__version__",
+    "ElasticSpace",
+    "Form",
+    "GateFailed",
+    "LayerSpec",
+    "QuantSpec",
+    "SubnetSpec",
+    "UserError",
+]

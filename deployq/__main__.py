@@ -1,0 +1,5 @@
+import sys
+
+from deployq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Target profiles shipped as TOML package data (see profile.py)."""
