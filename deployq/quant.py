@@ -22,15 +22,40 @@ CALIB_STEPS = 100  # candidate clipping ranges: 100%, 99%, ..., 1% of min/max
 CALIB_MAX_ELEMS = 1 << 16  # activations are subsampled for the range search
 
 
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _GradScale(torch.autograd.Function):
+    # A Function rather than the usual (x - x*g).detach() + x*g trick: that trick
+    # perturbs the forward value by a rounding error, and the exported integers
+    # must be exactly the ones training saw.
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.g, None
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+    """Round half to even forward (as ONNX QuantizeLinear), identity backward."""
+    return _RoundSTE.apply(x)
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Identity forward, gradient multiplied by g (LSQ)."""
-    y = x * g
-    return (x - y).detach() + y
+    """Identity forward (bit-exact), gradient multiplied by g (LSQ)."""
+    if g == 1.0 or not x.requires_grad:
+        return x
+    return _GradScale.apply(x, g)
 
 
 def lsq_grad_factor(qmax: int, numel: int) -> float:

@@ -1,0 +1,543 @@
+"""The elastic quantization supernet: quantizers, layers, conversion, verbs.
+
+`convert(model, space)` traces any nn.Module with torch.fx, folds every
+BatchNorm into the conv before it (so what is trained is what a target runs:
+per-tensor weight scales do not survive folding BN afterwards), swaps Conv2d /
+Linear for elastic layers that quantize their weight and their input, and
+replaces residual adds by `ElasticAdd`, which quantizes both of its inputs (the
+Q/DQ a target places on residual Add inputs; learning them beats calibrating).
+
+Every quantizer keeps one learned step size (and, when asymmetric, one learned
+zero-point) per cell: weights per (bits, granularity, symmetry), activations per
+(bits, kind) with kind one of asymmetric / symmetric unsigned / symmetric signed.
+Switching subnets selects cells; no weight changes.
+
+The verbs take typed specs: `set_active(SubnetSpec | None)` (None = float),
+`sample(rng)`, `uniform_spec(form, wbits, abits)`, `freeze(spec)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+from deployq.errors import UserError
+from deployq.quant import (
+    channel_view,
+    dequantize,
+    fake_quant,
+    init_qparams,
+    lsq_grad_factor,
+    quantize,
+    round_ste,
+)
+from deployq.spec import ElasticSpace, Form, LayerSpec, QuantSpec, SubnetSpec
+
+WEIGHT_CELLS = ("pt_sym", "pt_asym", "pc_sym", "pc_asym")
+ACT_KINDS = ("asym", "sym_u", "sym_s")
+MIN_SCALE = 1e-8
+
+
+def weight_cell(spec: QuantSpec) -> str:
+    return ("pc_" if spec.per_channel else "pt_") + ("sym" if spec.symmetric else "asym")
+
+
+def act_kind(spec: QuantSpec) -> str:
+    if not spec.symmetric:
+        return "asym"
+    return "sym_s" if spec.signed else "sym_u"
+
+
+def _cell_list(n: int, shape: tuple[int, ...], fill: float) -> nn.ParameterList:
+    # One Parameter per bit-width, so a cell that a step did not use gets grad None
+    # and Adam leaves it alone (a zero grad would still move it through momentum).
+    return nn.ParameterList([nn.Parameter(torch.full(shape, fill)) for _ in range(n)])
+
+
+class WeightQuantizer(nn.Module):
+    """Holds the step sizes / zero-points of one weight tensor for every cell."""
+
+    def __init__(self, channels: int, bits: Iterable[int]):
+        super().__init__()
+        self.bits = tuple(bits)
+        self.channels = channels
+        n = len(self.bits)
+        self.scale = nn.ModuleDict(
+            {c: _cell_list(n, (channels,) if c.startswith("pc") else (1,), 1.0) for c in WEIGHT_CELLS}
+        )
+        self.zero_point = nn.ModuleDict(
+            {c: _cell_list(n, (channels,) if c.startswith("pc") else (1,), 0.0) for c in WEIGHT_CELLS if "asym" in c}
+        )
+
+    def _index(self, spec: QuantSpec) -> int:
+        try:
+            return self.bits.index(spec.bits)
+        except ValueError:
+            raise UserError(f"weight bits {spec.bits} are not in this supernet's space {self.bits}") from None
+
+    def qparams(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) as trained: shape [C] per-channel, [1] per-tensor."""
+        i = self._index(spec)
+        cell = weight_cell(spec)
+        scale = self.scale[cell][i].abs().clamp(min=MIN_SCALE)
+        zp = self.zero_point[cell][i] if cell in self.zero_point else torch.zeros_like(scale)
+        return scale, zp
+
+    def forward(self, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        scale, zp = self.qparams(spec)
+        per_scale = w.numel() // scale.numel()
+        g = lsq_grad_factor(spec.qmax, per_scale)
+        return fake_quant(
+            w, channel_view(scale, w.ndim, 0), channel_view(zp, w.ndim, 0), spec.qmin, spec.qmax, g
+        )
+
+    @torch.no_grad()
+    def calibrate(self, w: torch.Tensor, forms: Iterable[tuple[bool, bool]]) -> None:
+        from deployq.spec import weight_spec
+
+        for per_channel, symmetric in forms:
+            for i, b in enumerate(self.bits):
+                spec = weight_spec(b, per_channel, symmetric)
+                s, z = init_qparams(w, spec, axis=0 if per_channel else None)
+                cell = weight_cell(spec)
+                self.scale[cell][i].copy_(s.reshape(self.scale[cell][i].shape))
+                if cell in self.zero_point:
+                    self.zero_point[cell][i].copy_(z.reshape(self.zero_point[cell][i].shape))
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer with a cell per (bits, kind)."""
+
+    def __init__(self, bits: Iterable[int]):
+        super().__init__()
+        self.bits = tuple(bits)
+        n = len(self.bits)
+        self.scale = nn.ModuleDict({k: _cell_list(n, (1,), 1.0) for k in ACT_KINDS})
+        self.zero_point = _cell_list(n, (1,), 0.0)
+        # Whether calibration saw negative inputs: decides which symmetric kind fits.
+        self.register_buffer("signed_input", torch.tensor(True))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self._record: list[torch.Tensor] | None = None
+
+    def _index(self, spec: QuantSpec) -> int:
+        try:
+            return self.bits.index(spec.bits)
+        except ValueError:
+            raise UserError(f"activation bits {spec.bits} are not in this supernet's space {self.bits}") from None
+
+    def qparams(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self._index(spec)
+        kind = act_kind(spec)
+        scale = self.scale[kind][i].abs().clamp(min=MIN_SCALE)
+        zp = self.zero_point[i] if kind == "asym" else torch.zeros_like(scale)
+        return scale, zp
+
+    def forward(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        if self._record is not None:
+            self._record.append(_subsample(x))
+        scale, zp = self.qparams(spec)
+        g = lsq_grad_factor(spec.qmax, x.numel())
+        return fake_quant(x, scale, zp, spec.qmin, spec.qmax, g)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        from deployq.spec import act_spec
+
+        signed = bool((x < 0).any())
+        self.signed_input.fill_(signed)
+        self.calibrated.fill_(True)
+        for i, b in enumerate(self.bits):
+            for kind, spec in (
+                ("asym", act_spec(b, symmetric=False, signed=False)),
+                ("sym_u", act_spec(b, symmetric=True, signed=False)),
+                ("sym_s", act_spec(b, symmetric=True, signed=True)),
+            ):
+                s, z = init_qparams(x, spec)
+                self.scale[kind][i].copy_(s.reshape(1))
+                if kind == "asym":
+                    self.zero_point[i].copy_(z.reshape(1))
+
+
+def _subsample(x: torch.Tensor, n: int = 1 << 14) -> torch.Tensor:
+    flat = x.detach().reshape(-1)
+    if flat.numel() <= n:
+        return flat.clone()
+    step = flat.numel() // n
+    return flat[::step][:n].clone()
+
+
+def _int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The bias as the int32 accumulator sees it (scale = s_act * s_weight)."""
+    s = scale.detach()
+    return round_ste(bias / s) * s
+
+
+class _ElasticWeighted(nn.Module):
+    """Shared behaviour of elastic Conv2d / Linear: quantize input and weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, space: ElasticSpace):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        out = weight.shape[0]
+        b = bias.detach().clone() if bias is not None else torch.zeros(out)
+        self.bias = nn.Parameter(b)
+        self.wq = WeightQuantizer(out, space.wbits)
+        self.aq = ActQuantizer(space.abits)
+        self.active: LayerSpec | None = None
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.active
+        if spec is None:
+            return self._op(x, self.weight, self.bias)
+        xq = self.aq(x, spec.act)
+        wq = self.wq(self.weight, spec.weight)
+        s_a, _ = self.aq.qparams(spec.act)
+        s_w, _ = self.wq.qparams(spec.weight)
+        return self._op(xq, wq, _int32_bias(self.bias, s_a * s_w))
+
+    @torch.no_grad()
+    def frozen_params(self, spec: LayerSpec) -> FrozenParams:
+        s_a, z_a = self.aq.qparams(spec.act)
+        s_w, z_w = self.wq.qparams(spec.weight)
+        w_int = quantize(
+            self.weight,
+            channel_view(s_w, self.weight.ndim, 0),
+            channel_view(z_w, self.weight.ndim, 0),
+            spec.weight.qmin,
+            spec.weight.qmax,
+        )
+        bias_scale = (s_a * s_w).expand(self.weight.shape[0]).clone()
+        bias_int = torch.round(self.bias / bias_scale).to(torch.int64)
+        if bias_int.abs().max() >= 2**31:
+            raise UserError(f"bias does not fit int32 at this scale (layer {self!r})")
+        return FrozenParams(
+            spec=spec,
+            act_scale=s_a.clone(),
+            act_zero_point=torch.round(z_a).clamp(spec.act.qmin, spec.act.qmax).clone(),
+            weight_int=w_int,
+            weight_scale=s_w.clone(),
+            weight_zero_point=torch.round(z_w).clamp(spec.weight.qmin, spec.weight.qmax).clone(),
+            bias_int=bias_int.to(torch.int32),
+            bias_scale=bias_scale,
+        )
+
+
+class ElasticConv2d(_ElasticWeighted):
+    def __init__(self, conv: nn.Conv2d, space: ElasticSpace):
+        super().__init__(conv.weight, conv.bias, space)
+        if conv.padding_mode != "zeros":
+            raise UserError(f"Conv2d padding_mode {conv.padding_mode!r} is not supported (zeros only)")
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def _op(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ElasticLinear(_ElasticWeighted):
+    def __init__(self, linear: nn.Linear, space: ElasticSpace):
+        super().__init__(linear.weight, linear.bias, space)
+
+    def _op(self, x, w, b):
+        return F.linear(x, w, b)
+
+
+class ElasticAdd(nn.Module):
+    """A residual add whose two inputs are quantized (same spec, own step sizes)."""
+
+    def __init__(self, space: ElasticSpace):
+        super().__init__()
+        self.aq = nn.ModuleList([ActQuantizer(space.abits), ActQuantizer(space.abits)])
+        self.active: LayerSpec | None = None
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        spec = self.active
+        if spec is None:
+            return a + b
+        return self.aq[0](a, spec.act) + self.aq[1](b, spec.act)
+
+    @torch.no_grad()
+    def frozen_params(self, spec: LayerSpec) -> FrozenAddParams:
+        out = []
+        for q in self.aq:
+            s, z = q.qparams(spec.act)
+            out.append((s.clone(), torch.round(z).clamp(spec.act.qmin, spec.act.qmax).clone()))
+        return FrozenAddParams(spec=spec, act=tuple(out))
+
+
+@dataclass(frozen=True)
+class FrozenParams:
+    """Everything a target needs for one weighted layer, in canonical integers."""
+
+    spec: LayerSpec
+    act_scale: torch.Tensor  # [1]
+    act_zero_point: torch.Tensor  # [1], integer-valued float
+    weight_int: torch.Tensor  # int32, weight shape, within spec.weight.qmin..qmax
+    weight_scale: torch.Tensor  # [C] or [1]
+    weight_zero_point: torch.Tensor  # [C] or [1], integer-valued float
+    bias_int: torch.Tensor  # int32 [C]
+    bias_scale: torch.Tensor  # [C] = act_scale * weight_scale
+
+
+@dataclass(frozen=True)
+class FrozenAddParams:
+    spec: LayerSpec
+    act: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (scale, zero_point) per input
+
+
+ELASTIC_TYPES = (ElasticConv2d, ElasticLinear, ElasticAdd)
+
+
+class ElasticNet(nn.Module):
+    """A converted model: the fx GraphModule plus the supernet verbs."""
+
+    def __init__(self, gm: torch.fx.GraphModule, space: ElasticSpace):
+        super().__init__()
+        self.gm = gm
+        self.space = space
+        self.layer_names: tuple[str, ...] = tuple(
+            n for n, m in gm.named_modules() if isinstance(m, ELASTIC_TYPES)
+        )
+        order = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in self.layer_names]
+        self.layer_names = tuple(dict.fromkeys(order))
+        weighted = [n for n in self.layer_names if not isinstance(self.layer(n), ElasticAdd)]
+        self.fixed_layers: tuple[str, ...] = (
+            tuple(dict.fromkeys([weighted[0], weighted[-1]])) if space.fixed_bits and weighted else ()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gm(x)
+
+    # --- structure -------------------------------------------------------
+    def layer(self, name: str) -> nn.Module:
+        return self.gm.get_submodule(name)
+
+    def layers(self) -> Iterator[tuple[str, nn.Module]]:
+        for n in self.layer_names:
+            yield n, self.layer(n)
+
+    @property
+    def weightless(self) -> tuple[str, ...]:
+        return tuple(n for n, m in self.layers() if isinstance(m, ElasticAdd))
+
+    def input_signed(self, name: str) -> bool:
+        m = self.layer(name)
+        qs = list(m.aq) if isinstance(m, ElasticAdd) else [m.aq]
+        return any(bool(q.signed_input) for q in qs)
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for _, m in self.layers() if not isinstance(m, ElasticAdd) for p in (m.weight, m.bias)]
+
+    def quant_parameters(self) -> list[nn.Parameter]:
+        ids = {id(p) for p in self.weight_parameters()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+    # --- specs -----------------------------------------------------------
+    def _act(self, name: str, form: Form, bits: int) -> QuantSpec:
+        spec = form.act(bits)
+        # A symmetric unsigned grid cannot hold negative inputs: use the signed one there.
+        if spec.symmetric and not spec.signed and self.input_signed(name):
+            spec = QuantSpec(bits=bits, symmetric=True, signed=True)
+        return spec
+
+    def layer_spec(self, name: str, form: Form, wbits: int, abits: int) -> LayerSpec:
+        if name in self.fixed_layers:
+            wbits = abits = self.space.fixed_bits
+        weight = None if name in self.weightless else form.weight(wbits)
+        return LayerSpec(weight, self._act(name, form, abits))
+
+    def uniform_spec(self, form: Form, wbits: int, abits: int | None = None) -> SubnetSpec:
+        abits = wbits if abits is None else abits
+        return SubnetSpec({n: self.layer_spec(n, form, wbits, abits) for n in self.layer_names})
+
+    def sample(self, rng: random.Random, form: Form | None = None) -> SubnetSpec:
+        """A random subnet: a form of the space (unless given), random bits per layer."""
+        form = form or rng.choice(self.space.forms)
+        return SubnetSpec(
+            {
+                n: self.layer_spec(n, form, rng.choice(self.space.wbits), rng.choice(self.space.abits))
+                for n in self.layer_names
+            }
+        )
+
+    def highest(self, form: Form) -> SubnetSpec:
+        return self.uniform_spec(form, max(self.space.wbits), max(self.space.abits))
+
+    def lowest(self, form: Form) -> SubnetSpec:
+        return self.uniform_spec(form, min(self.space.wbits), min(self.space.abits))
+
+    def check_spec(self, spec: SubnetSpec) -> None:
+        missing = [n for n in self.layer_names if n not in spec.layers]
+        extra = [n for n in spec.layers if n not in self.layer_names]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing layers {missing[:3]}{'...' if len(missing) > 3 else ''}")
+            if extra:
+                parts.append(f"unknown layers {extra[:3]}{'...' if len(extra) > 3 else ''}")
+            raise UserError("the SubnetSpec does not fit this model: " + "; ".join(parts))
+        for n, m in self.layers():
+            ls = spec.layers[n]
+            if (ls.weight is None) != isinstance(m, ElasticAdd):
+                raise UserError(f"layer {n!r}: weight spec {'missing' if ls.weight is None else 'unexpected'}")
+            if ls.act.symmetric and not ls.act.signed and self.input_signed(n):
+                raise UserError(f"layer {n!r} has signed inputs; a symmetric unsigned activation grid cannot hold them")
+            for q in [ls.act] + ([ls.weight] if ls.weight else []):
+                pool = self.space.wbits if q is ls.weight else self.space.abits
+                if q.bits not in pool:
+                    raise UserError(f"layer {n!r}: {q.bits} bits are not in the supernet's space {pool}")
+
+    def set_active(self, spec: SubnetSpec | None) -> None:
+        """Select a subnet (None = the float network, quantization off)."""
+        if spec is not None:
+            self.check_spec(spec)
+        for n, m in self.layers():
+            m.active = None if spec is None else spec.layers[n]
+
+    def active_spec(self) -> SubnetSpec | None:
+        specs = {n: m.active for n, m in self.layers()}
+        if any(s is None for s in specs.values()):
+            return None
+        return SubnetSpec(specs)
+
+    # --- calibration -----------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """One pass over calibration data: initialise every cell of every quantizer
+        (clipping-range search), and record which activations are signed."""
+        was_training = self.training
+        self.eval()
+        self.set_active(None)
+        act_qs = [m for m in self.modules() if isinstance(m, ActQuantizer)]
+        # Record each activation quantizer's input in the float network.
+        hooks = []
+        records: dict[int, list[torch.Tensor]] = {id(q): [] for q in act_qs}
+        for n, m in self.layers():
+            if isinstance(m, ElasticAdd):
+                hooks.append(m.register_forward_pre_hook(_record_add(records, m)))
+            else:
+                hooks.append(m.register_forward_pre_hook(_record_input(records, m.aq)))
+        try:
+            for x in batches:
+                self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for q in act_qs:
+            if records[id(q)]:
+                q.calibrate(torch.cat(records[id(q)]))
+        wforms = {(f.weight_per_channel, f.weight_symmetric) for f in self.space.forms}
+        for _, m in self.layers():
+            if not isinstance(m, ElasticAdd):
+                m.wq.calibrate(m.weight, sorted(wforms))
+        self.train(was_training)
+
+    # --- deployment ------------------------------------------------------
+    @torch.no_grad()
+    def freeze(self, spec: SubnetSpec) -> dict[str, FrozenParams | FrozenAddParams]:
+        """The integers and scales of one subnet, per layer, in canonical ranges."""
+        self.check_spec(spec)
+        return {n: m.frozen_params(spec.layers[n]) for n, m in self.layers()}
+
+
+def _record_input(records, aq):
+    def hook(_module, args):
+        records[id(aq)].append(_subsample(args[0]))
+
+    return hook
+
+
+def _record_add(records, m):
+    def hook(_module, args):
+        for q, x in zip(m.aq, args):
+            records[id(q)].append(_subsample(x))
+
+    return hook
+
+
+_ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+
+
+def _is_tensor_node(a) -> bool:
+    return isinstance(a, torch.fx.Node)
+
+
+def convert(model: nn.Module, space: ElasticSpace | None = None) -> ElasticNet:
+    """Fold BN, swap Conv2d/Linear for elastic layers, quantize residual adds.
+
+    The model must be torch.fx traceable. The result is uncalibrated: call
+    `calibrate()` (or load a checkpoint's state_dict) before using a subnet.
+    """
+    space = space or ElasticSpace()
+    model = copy.deepcopy(model).eval()
+    try:
+        gm = fuse(model)  # symbolic trace + fold Conv2d->BatchNorm2d (eval statistics)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise UserError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e})") from None
+    leftover = [n for n, m in gm.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if leftover:
+        raise UserError(
+            f"batch-norm layers {leftover[:3]} do not directly follow a Conv2d: they cannot be folded"
+        )
+    modules = dict(gm.named_modules())
+    n_weighted = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            m = modules[node.target]
+            if type(m) is nn.Conv2d:
+                _set_module(gm, node.target, ElasticConv2d(m, space))
+                n_weighted += 1
+            elif type(m) is nn.Linear:
+                _set_module(gm, node.target, ElasticLinear(m, space))
+                n_weighted += 1
+        elif node.op == "call_function" and node.target in _ADD_FUNCS:
+            args = node.args
+            if len(args) == 2 and all(_is_tensor_node(a) for a in args) and not node.kwargs:
+                name = f"qadd_{node.name}"
+                gm.add_module(name, ElasticAdd(space))
+                with gm.graph.inserting_after(node):
+                    new = gm.graph.call_module(name, args=args)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+    if n_weighted == 0:
+        raise UserError("the model has no Conv2d or Linear layer to quantize")
+    gm.graph.lint()
+    gm.recompile()
+    return ElasticNet(gm, space)
+
+
+def _set_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:
+    parent_name, _, attr = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, new)
+
+
+def dequantized_weight(p: FrozenParams) -> torch.Tensor:
+    w = p.weight_int
+    return dequantize(w, channel_view(p.weight_scale, w.ndim, 0), channel_view(p.weight_zero_point, w.ndim, 0))
+
+
+__all__ = [
+    "ActQuantizer",
+    "ElasticAdd",
+    "ElasticConv2d",
+    "ElasticLinear",
+    "ElasticNet",
+    "FrozenAddParams",
+    "FrozenParams",
+    "WeightQuantizer",
+    "convert",
+    "dequantized_weight",
+]
