@@ -138,7 +138,13 @@ class ActQuantizer(nn.Module):
         i = self._index(spec)
         kind = act_kind(spec)
         scale = self.scale[kind][i].abs().clamp(min=MIN_SCALE)
-        zp = self.zero_point[i] if kind == "asym" else torch.zeros_like(scale)
+        # Non-negative inputs (post-ReLU) keep zero-point 0 even when asymmetric:
+        # codes below it would encode values that never occur, and zero-point == qmin
+        # is what lets runtimes fuse the ReLU into the preceding integer conv.
+        if kind == "asym" and bool(self.signed_input):
+            zp = self.zero_point[i]
+        else:
+            zp = torch.zeros_like(scale)
         return scale, zp
 
     def forward(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
