@@ -350,3 +350,82 @@ def test_cli_check_exit_codes(tmp_path, capsys):
     assert main(["check", str(junk), "--profile", "tensorrt"]) == 2
     assert main(["check", str(good), "--profile", "nope"]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
+
+
+# --- a second opinion: onnxruntime's own quantizer --------------------------------
+def fp32_net():
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["y2", "r1"], ["s"], name="residual"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits = [
+        w("w1", 8, 3, 3, 3),
+        w("b1", 8),
+        w("w2", 8, 8, 3, 3),
+        w("b2", 8),
+        w("wf", 10, 8),
+        w("bf", 10),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "fp32",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+def ort_quantize(tmp_path, per_channel, weight_type):
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(1)
+            self.it = iter([{"x": rng.standard_normal((1, 3, 8, 8), np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
+    onnx.save(fp32_net(), src)
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=getattr(QuantType, weight_type),
+        per_channel=per_channel,
+    )
+    return onnx.load(dst)
+
+
+def test_onnxruntime_quantizer_output(tmp_path):
+    # ORT's default QDQ output (u8 activations, s8 per-channel weights, int32 bias) is
+    # exactly the cpu form; for TensorRT it breaks the known rules (uint8, int32 bias).
+    m = ort_quantize(tmp_path, per_channel=True, weight_type="QInt8")
+    assert check_model(m, load_profile("cpu")) == []
+    got = rules(m, "tensorrt")
+    assert {"qdq-dtype", "bias", "zero-point"} <= got
+    m = ort_quantize(tmp_path, per_channel=False, weight_type="QUInt8")
+    assert check_model(m, load_profile("snpe")) == []
+    assert "weight-granularity" in rules(m, "cpu")
