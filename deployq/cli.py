@@ -42,6 +42,40 @@ def _root() -> None:
 _register_all()
 
 
+def _usage_exit_code(e: Exception) -> int | None:
+    """Exit code for typer/click's own exceptions (usage errors, --help exits), else None.
+
+    typer >= 0.20 bundles its own click; older ones use the click package: accept both."""
+    import typer.exceptions as texc
+
+    if isinstance(e, texc.Exit):
+        return getattr(e, "exit_code", 0)
+    if isinstance(e, texc.Abort):
+        print("deployq: aborted", file=sys.stderr)
+        return 130
+    bases = []
+    try:
+        from typer._click.exceptions import ClickException as TClickException
+
+        bases.append(TClickException)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        bases.append(click.ClickException)
+        if isinstance(e, click.exceptions.Exit):
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 130
+    except ImportError:
+        pass
+    if bases and isinstance(e, tuple(bases)):
+        e.show()
+        return 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps UserError -> exit 2 and GateFailed -> exit 1 with one line."""
     try:
@@ -55,19 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deployq: interrupted", file=sys.stderr)
         return 130
-    except SystemExit as e:  # typer/click exits (--help, usage errors)
+    except SystemExit as e:  # --help and friends
         return e.code if isinstance(e.code, int) else 0
-    except Exception as e:  # click usage errors arrive as ClickException subclasses
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            return e.exit_code
-        if isinstance(e, click.ClickException):
-            e.show()
-            return 2
-        if isinstance(e, click.exceptions.Abort):
-            return 130
-        raise
+    except Exception as e:
+        code = _usage_exit_code(e)
+        if code is None:
+            raise
+        return code
     return 0
 
 
