@@ -48,10 +48,16 @@ class OrtSession:
         self._sess = sess
         self._in, out = check_io(sess, model_path)
         self._outs = [out]
+        self._path = model_path
         self.input_shape = input_shape(sess)
         self.provider = provider
         self.simulated = simulated
-        self.batch_size = batch_size
+        # A graph exported with a static batch only takes that batch: callers pad to it.
+        self.batch_size = batch_size or self.input_shape[0]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self._sess.run(self._outs, {self._in: x})[0]
+        try:
+            return self._sess.run(self._outs, {self._in: x})[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime errors derive from Exception only
+            raise UserError(f"{self.provider} failed running {self._path} on a batch of shape "
+                            f"{tuple(x.shape)}: {first_line(e)}") from None

@@ -53,7 +53,7 @@ class ValidateConfig:
 
     model: str
     data: str = "digits"
-    split: str | None = None  # None: "val" for digits (the reported split), "all" otherwise
+    split: str | None = None  # None: "val" where the source has one (digits: the reported split)
     backend: str = backends.DEFAULT
     batch_size: int = 64
     latency_batches: tuple[int, ...] = (1,)
@@ -73,9 +73,13 @@ class ValidateConfig:
     providers: tuple[str, ...] | None = None  # onnxruntime backend only
 
     def resolved_split(self) -> str:
+        """Explicit split, else "val" where the source has one (digits, train/ + val/ trees)."""
         if self.split is not None:
             return self.split
-        return "val" if self.data == "digits" else "all"
+        if self.data == "digits":
+            return "val"
+        root = Path(self.data)
+        return "val" if (root / "val").is_dir() and (root / "train").is_dir() else "all"
 
     def check(self) -> None:
         """Refuse a config that cannot run, before anything is loaded."""

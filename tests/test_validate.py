@@ -146,6 +146,36 @@ def test_qnn_htp_validate(models):
     assert r.environment["onnxruntime-qnn"]
 
 
+def test_static_batch_model_is_padded(models, tmp_path):
+    import onnx
+
+    m = onnx.load(str(models["fp32"]))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 7  # 360 = 51 * 7 + 3
+    p = tmp_path / "static.onnx"
+    onnx.save(m, str(p))
+    ref = validate(ValidateConfig(model=str(models["fp32"]), latency_batches=()), progress=False)
+    r = validate(ValidateConfig(model=str(p), latency_batches=(7,), iters=2, warmup=0),
+                 progress=False)
+    assert r.accuracy == ref.accuracy and r.model.input_shape == (7, 3, 8, 8)
+
+
+def test_image_folder_defaults_to_val_split(models, tmp_path):
+    from PIL import Image
+
+    digits = load_data("digits", split="all")  # 16x16 default; the model's metadata says 8x8
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for c in range(10):
+            d = tmp_path / "tree" / split / str(c)
+            d.mkdir(parents=True)
+            for i, k in enumerate(rng.choice(np.flatnonzero(digits.y == c), n, replace=False)):
+                grey = np.clip(digits.x[k, 0] * 0.25 + 0.5, 0, 1) * 255
+                Image.fromarray(grey.astype(np.uint8)).save(d / f"{i}.png")
+    r = validate(ValidateConfig(model=str(models["fp32"]), data=str(tmp_path / "tree"),
+                                latency_batches=()), progress=False)
+    assert r.data.split == "val" and r.accuracy.n == 20 and r.accuracy.top1 >= 0.6
+
+
 # --------------------------------------------------------------------------- report JSON
 
 

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option("digits", "--data", "-d",
                                  help="digits, an ImageFolder directory or an .npz (x, y)."),
         split: str = typer.Option(None, "--split",
-                                  help="train, val or all (default: val for digits, else all)."),
+                                  help="train, val or all (default: val where the data has one: digits, train/+val/ trees)."),
         backend: str = typer.Option(backends.DEFAULT, "--backend", "-b",
                                     help=f"Runtime to validate on: {names}."),
         batch_size: int = typer.Option(64, "--batch-size", help="Batch size for accuracy."),
