@@ -31,20 +31,19 @@ def _import():
     return trt, torch
 
 
-class _Logger:
-    """A TensorRT logger that keeps errors so the UserError can quote them."""
+def make_logger(trt):
+    """A TensorRT logger that keeps error messages so a UserError can quote them."""
 
-    def __init__(self, trt):
-        class L(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
 
-            def log(self, severity, msg):
-                if severity <= trt.ILogger.Severity.ERROR:
-                    self.errors.append(msg)
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(msg)
 
-        self.logger = L()
+    return Logger()
 
 
 def build_engine(trt, model_path: str, batch_size: int, logger) -> bytes:
@@ -132,7 +131,7 @@ class TensorRTBackend:
 
     def load(self, model_path: str, batch_size: int | None = None) -> TensorRTSession:
         trt, torch = _import()
-        logger = _Logger(trt).logger
+        logger = make_logger(trt)
         engine = build_engine(trt, model_path, batch_size or 1, logger)
         return TensorRTSession(trt, torch, engine, logger, batch_size or 1)
 
