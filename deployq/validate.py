@@ -406,12 +406,48 @@ def _labels_sha256(y: np.ndarray, class_names: tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
+def measure_reference(ref_backend, ref_name: str, config: ValidateConfig, x: np.ndarray,
+                      y: np.ndarray, logits: np.ndarray, bar=None) -> ReferenceResult:
+    """The reference model on the same images: its accuracy, agreement and logit error."""
+    session = ref_backend.load(config.reference, config.batch_size)
+    ref = run_logits(session, x, config.batch_size, bar, f"reference on {ref_name}")
+    if ref.shape != logits.shape:
+        raise UserError(f"the reference model outputs {ref.shape[1]} classes, "
+                        f"the model {logits.shape[1]}")
+    err = np.abs(logits - ref)
+    return ReferenceResult(
+        path=config.reference, backend=ref_name, provider=session.provider,
+        top1=topk_accuracy(ref, y, 1),
+        agreement=float(np.count_nonzero(logits.argmax(1) == ref.argmax(1)) / len(y)),
+        max_abs_err=float(err.max()), mean_abs_err=float(err.mean()))
+
+
+def measure_latencies(backend, session, config: ValidateConfig, x: np.ndarray,
+                      bar=None) -> tuple[Latency, ...]:
+    """Latency per requested batch; a fixed-batch runtime gets a session per batch size."""
+    out = []
+    for b in config.latency_batches:
+        sess_b = session if session.batch_size in (None, b) else backend.load(config.model, b)
+        task = bar.add_task(f"latency batch {b}", total=None) if bar is not None else None
+        times = backends.measure_latency(sess_b, _latency_input(x, b), config.warmup,
+                                         config.iters)
+        if task is not None:
+            bar.remove_task(task)
+        out.append(latency_stats(times, b, config.warmup, sess_b.simulated))
+    return tuple(out)
+
+
 def validate(config: ValidateConfig, progress: bool = True) -> Report:
     """Run `config` and return the Report (gates evaluated, never raised)."""
     from deployq.data import load_data
 
     config.check()
     backend = _backend(config.backend, config.providers)  # unknown backend: fail before work
+    ref_name = config.backend if config.reference_backend == SAME_BACKEND \
+        else config.reference_backend
+    ref_backend = None
+    if config.reference:
+        ref_backend = backend if ref_name == config.backend else backends.get(ref_name)
     facts = read_model(config.model)
     ref_facts = read_model(config.reference) if config.reference else None
     baseline = load_report(config.baseline) if config.baseline else None
@@ -447,34 +483,9 @@ def validate(config: ValidateConfig, progress: bool = True) -> Report:
                        top5=topk_accuracy(logits, y, 5) if n_cls >= 5 else None, n=len(y))
 
         ref_result = None
-        if config.reference:
-            ref_name = config.backend if config.reference_backend == SAME_BACKEND \
-                else config.reference_backend
-            ref_backend = backend if ref_name == config.backend else backends.get(ref_name)
-            ref_session = ref_backend.load(config.reference, config.batch_size)
-            ref_logits = run_logits(ref_session, x, config.batch_size, bar,
-                                    f"reference on {ref_name}")
-            if ref_logits.shape != logits.shape:
-                raise UserError(f"the reference model outputs {ref_logits.shape[1]} classes, "
-                                f"the model {logits.shape[1]}")
-            err = np.abs(logits - ref_logits)
-            ref_result = ReferenceResult(
-                path=config.reference, backend=ref_name, provider=ref_session.provider,
-                top1=topk_accuracy(ref_logits, y, 1),
-                agreement=float(np.count_nonzero(logits.argmax(1) == ref_logits.argmax(1))
-                                / len(y)),
-                max_abs_err=float(err.max()), mean_abs_err=float(err.mean()))
-            del ref_session, ref_logits, err
-
-        latencies = []
-        for b in config.latency_batches:
-            sess_b = session if session.batch_size in (None, b) else backend.load(config.model, b)
-            task = bar.add_task(f"latency batch {b}", total=None) if bar is not None else None
-            times = backends.measure_latency(sess_b, _latency_input(x, b), config.warmup,
-                                             config.iters)
-            if task is not None:
-                bar.remove_task(task)
-            latencies.append(latency_stats(times, b, config.warmup, sess_b.simulated))
+        if ref_backend is not None:
+            ref_result = measure_reference(ref_backend, ref_name, config, x, y, logits, bar)
+        latencies = measure_latencies(backend, session, config, x, bar)
 
     if baseline is not None:
         base_top1, base_name = baseline.accuracy.top1, f"baseline {config.baseline}"
@@ -499,7 +510,7 @@ def validate(config: ValidateConfig, progress: bool = True) -> Report:
         simulated=session.simulated,
         accuracy=acc,
         reference=ref_result,
-        latency=tuple(latencies),
+        latency=latencies,
         environment=environment(versions, session.provider),
         gates=gates,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
