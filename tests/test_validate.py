@@ -285,7 +285,7 @@ def test_cli_pass_exit_0_and_junit_per_gate(models, tmp_path, capsys):
                    "--junit", str(xml))
     assert code == 0
     out = capsys.readouterr().out
-    assert "top-1" in out and "PASS" in out
+    assert "top-1" in out and "PASS" in out and "max_latency_ms[batch=8]" in out
     cases = ET.parse(xml).getroot().find("testsuite").findall("testcase")
     assert [c.get("name") for c in cases] == [
         "min_top1", "max_latency_ms[batch=1]", "max_latency_ms[batch=8]"]

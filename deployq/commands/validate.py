@@ -31,7 +31,7 @@ def print_report(report, console) -> None:
     d, a = report.data, report.accuracy
 
     def row(what: str, value: str, style: str = "") -> None:  # values are text, never markup
-        t.add_row(what, (style + " " if style else "") + escape(value))
+        t.add_row(escape(what), (style + " " if style else "") + escape(value))
 
     pre = d.preprocessing
     row("data", f"{d.source} [{d.split}]: {d.n_images} images, {d.n_classes} classes, "
