@@ -1,0 +1,121 @@
+"""`deployq search CKPT --profile NAME --budget KIND=VALUE`: mixed-precision search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def search_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Supernet checkpoint (.pt).")],
+    profile: Annotated[
+        str, typer.Option("--profile", "-p", help="Target profile name or .toml path.")
+    ],
+    budget: Annotated[
+        str,
+        typer.Option(
+            "--budget",
+            "-b",
+            help="KIND=VALUE: avg-bits, avg-wbits, avg-abits (bits), size (bytes), bitops; "
+            "k/M/G suffixes allowed, e.g. avg-bits=4, size=20k, bitops=1.2e9.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="SubnetSpec JSON to write (+ .pareto.csv/.png).")
+    ] = Path("subnet.json"),
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Data source (digits, dir, .npz); default: the checkpoint's training data."
+        ),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Subnets measured to train the predictor.")
+    ] = 300,
+    generations: Annotated[
+        int, typer.Option("--generations", help="Genetic search generations.")
+    ] = 30,
+    population: Annotated[int, typer.Option("--population", help="Population size.")] = 100,
+    holdout: Annotated[
+        float | None,
+        typer.Option(
+            help="Fraction of the TRAIN split held out for measuring (default: training's, else 0.2)."
+        ),
+    ] = None,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Candidates re-measured for real at the end.")
+    ] = 5,
+    seed: Annotated[int, typer.Option(help="Random seed (sampling, predictor, evolution).")] = 0,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Ignore and do not write <ckpt>.cqap/.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Search per-layer bit-widths for a target under a budget (CQAP predictor + genetic search)."""
+    from deployq.search.api import SearchConfig, search
+
+    result = search(
+        SearchConfig(
+            checkpoint=checkpoint,
+            profile=profile,
+            budget=budget,
+            data=data,
+            n_samples=samples,
+            holdout=holdout,
+            generations=generations,
+            population=population,
+            seed=seed,
+            out=out,
+            top_k=top_k,
+            use_cache=not no_cache,
+        ),
+        progress=not quiet,
+    )
+    _print_summary(result)
+
+
+def _print_summary(r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from deployq.search.cost import format_cost
+
+    def c(v: float) -> str:
+        return format_cost(r.budget.kind, v)
+
+    t = Table(title=f"deployq search: budget {r.budget}", show_header=False)
+    t.add_column("what")
+    t.add_column("value", overflow="fold")
+    m = r.metrics
+    t.add_row(
+        "predictor",
+        f"Kendall tau {m.kendall_tau:.3f}, RMSE {m.rmse:.4f} on {m.n_test} held-out configs "
+        f"(trained on {m.n_train}{', cached' if r.predictor_cached else ''})",
+    )
+    t.add_row(
+        "samples",
+        f"{m.n_train + m.n_test} subnets on {r.n_holdout} held-out training images of {r.data}"
+        f"{' (cached)' if r.samples_cached else ''}",
+    )
+    t.add_row("chosen subnet", f"measured {r.measured_acc:.4f}, predicted {r.predicted_acc:.4f}")
+    t.add_row(
+        "cost",
+        f"{c(r.cost)} {r.budget.unit} (budget {c(r.budget.value)}, cheapest {c(r.cheapest)})",
+    )
+    u = r.nearest_uniform()
+    if u is not None:
+        within = "within" if r.budget.met(u.cost) else "over"
+        t.add_row(
+            f"uniform w{u.bits}a{u.bits}",
+            f"measured {u.measured:.4f}, predicted {u.predicted:.4f}, cost {c(u.cost)} ({within} budget)",
+        )
+    t.add_row("time", f"{r.timings['total_s']:.1f} s (measuring {r.timings['sampling_s']:.1f} s)")
+    for p in r.outputs:
+        t.add_row("wrote", str(p))
+    Console(soft_wrap=True).print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search_cmd)

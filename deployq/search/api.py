@@ -1,0 +1,394 @@
+"""`search(config)`: CQAP predictor + genetic search for one target and budget.
+
+Steps: load checkpoint and profile -> layout, gene space, budget check -> held-out
+split of the TRAINING data -> sampled subnets measured on it (cached) -> predictor
+fitted and scored on held-out configurations (cached) -> evolution with predicted
+accuracy as fitness -> top-k re-measured for real, best written as SubnetSpec JSON
+plus a Pareto CSV/PNG. Uniform subnets are measured for reference.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deployq.errors import UserError
+from deployq.search.cost import Budget, check_feasible, format_cost, parse_budget
+from deployq.search.evolution import EvolutionConfig, evolve
+from deployq.search.pareto import ParetoRow, front, genes_id, pareto_paths, write_csv, write_png
+from deployq.search.predictor import PredictorConfig, PredictorMetrics, fit_and_score
+
+DEFAULT_HOLDOUT = 0.2
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    checkpoint: str | Path
+    profile: str
+    budget: str | Budget
+    data: str | None = None  # default: the checkpoint's training source, else "digits"
+    n_samples: int = 300
+    holdout: float | None = None  # fraction of the train split; default: training's, else 0.2
+    holdout_seed: int | None = None
+    generations: int = 30
+    population: int = 100
+    parents: int | None = None  # kept per generation; default: a quarter of the population
+    mutate_p: float = 0.1
+    seed: int = 0
+    out: str | Path | None = "subnet.json"
+    top_k: int = 5
+    use_cache: bool = True
+    n_measure: int = 0  # measure on at most this many held-out images (0 = all)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    test_fraction: float = 0.2  # share of samples held out to score the predictor
+
+
+@dataclass(frozen=True)
+class UniformRef:
+    bits: int
+    cost: float
+    predicted: float
+    measured: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    spec: object  # SubnetSpec
+    measured_acc: float
+    predicted_acc: float
+    cost: float
+    budget: Budget
+    cheapest: float
+    metrics: PredictorMetrics
+    pareto: tuple[ParetoRow, ...]
+    uniform: tuple[UniformRef, ...]
+    n_measured: int  # real measurements made by this run (0 samples when the cache held them)
+    samples_cached: bool
+    predictor_cached: bool
+    timings: dict
+    form: object  # Form
+    data: str
+    n_holdout: int
+    outputs: tuple[Path, ...] = ()
+
+    def nearest_uniform(self) -> UniformRef | None:
+        """The uniform subnet whose cost is closest to the budget."""
+        if not self.uniform:
+            return None
+        return min(self.uniform, key=lambda u: (abs(u.cost - self.budget.value), -u.bits))
+
+
+class _Bars:
+    """rich progress bars, or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def task(self, description: str, total: int):
+        if self.progress is None:
+            return lambda *a, **k: None
+        tid = self.progress.add_task(description, total=total, info="")
+
+        def update(completed: int, info: str = "") -> None:
+            self.progress.update(tid, completed=completed, info=info)
+
+        return update
+
+
+def _load(config: SearchConfig):
+    from deployq.checkpoint import load_checkpoint
+    from deployq.profile import load_profile
+
+    budget = parse_budget(config.budget) if isinstance(config.budget, str) else config.budget
+    profile = load_profile(config.profile)
+    for name, v, lo in (
+        ("samples", config.n_samples, 10),
+        ("generations", config.generations, 1),
+        ("population", config.population, 4),
+        ("top-k", config.top_k, 1),
+    ):
+        if v < lo:
+            raise UserError(f"{name} must be at least {lo}; got {v}")
+    if config.parents is not None and not 1 <= config.parents < config.population:
+        raise UserError(f"parents must be in 1..population-1; got {config.parents}")
+    ckpt = load_checkpoint(config.checkpoint)
+    meta = ckpt.meta
+    if not meta.preprocessing:
+        raise UserError(
+            f"checkpoint {str(config.checkpoint)!r} records no preprocessing: cannot measure subnets on data"
+        )
+    if not meta.calibrated:
+        raise UserError(
+            f"checkpoint {str(config.checkpoint)!r} is not calibrated: its quantizers hold no ranges yet"
+        )
+    return budget, profile, ckpt
+
+
+def _choices(profile, space) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    w = tuple(sorted(set(profile.weight_bits) & set(space.wbits)))
+    a = tuple(sorted(set(profile.act_bits) & set(space.abits)))
+    if not w or not a:
+        raise UserError(
+            f"profile {profile.name} allows weight bits {list(profile.weight_bits)} / act bits "
+            f"{list(profile.act_bits)}, the supernet was trained for {list(space.wbits)} / "
+            f"{list(space.abits)}: no common bit-width"
+        )
+    return w, a
+
+
+def _holdout_params(config: SearchConfig, train_config: dict) -> tuple[float, int]:
+    # Reuse the split training held out, so the measured images were not trained on.
+    frac = (
+        config.holdout
+        if config.holdout is not None
+        else train_config.get("holdout", DEFAULT_HOLDOUT)
+    )
+    seed = (
+        config.holdout_seed
+        if config.holdout_seed is not None
+        else train_config.get("holdout_seed", 0)
+    )
+    try:
+        frac, seed = float(frac), int(seed)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"bad held-out split in the checkpoint's train config: {frac!r}, seed {seed!r}"
+        ) from None
+    if not 0 < frac < 1:
+        raise UserError(f"held-out fraction must be in (0, 1); got {frac}")
+    return frac, seed
+
+
+def search(config: SearchConfig, progress: bool = True) -> SearchResult:
+    from deployq.checkpoint import file_sha256
+    from deployq.data import Preprocessing, holdout, load_data
+    from deployq.fileio import check_writable
+    from deployq.search.cache import CacheKey, SearchCache, cache_dir
+    from deployq.search.encoder import encode_many
+    from deployq.search.genes import GeneSpace, cached_layer_spec
+    from deployq.search.layout import NetLayout
+    from deployq.search.sampling import Measurer, sample_genes, sample_population, subsample
+
+    t_start = time.perf_counter()
+    if config.out is not None:
+        check_writable(config.out)
+    budget, profile, ckpt = _load(config)
+    net, meta = ckpt.net, ckpt.meta
+    form = profile.form
+    if form not in net.space.forms:
+        raise UserError(
+            f"profile {profile.name} needs form {form.to_dict()}, which this supernet was not trained for"
+        )
+    wchoices, achoices = _choices(profile, net.space)
+    prep = Preprocessing.from_dict(meta.preprocessing)
+    layout = NetLayout.of(net, (1, prep.channels, prep.size, prep.size))
+    gspace = GeneSpace(layout, wchoices, achoices)
+    layer_spec = cached_layer_spec(lambda n, wb, ab: net.layer_spec(n, form, wb, ab))
+
+    def to_spec(g):
+        return gspace.to_spec(g, layer_spec)
+
+    def cost_of(g) -> float:
+        w, a = gspace.bits(g)
+        return budget.bits_cost(layout, w, a)
+
+    cheapest = check_feasible(budget, layout, wchoices, achoices)
+    profile.check(to_spec(gspace.uniform(min(wchoices), min(achoices))))  # fixed layers too
+
+    # --- held-out split of the training data ------------------------------------
+    source = config.data or meta.train_config.get("data") or "digits"
+    frac, hseed = _holdout_params(config, meta.train_config)
+    _, held = holdout(load_data(str(source), prep, split="train"), frac, hseed)
+    idx = subsample(len(held), config.n_measure, hseed)
+    measure = Measurer(net, held.x[idx], held.y[idx])
+
+    key = CacheKey(
+        checkpoint_sha256=file_sha256(config.checkpoint),
+        form=form.to_dict(),
+        data=str(source),
+        holdout=frac,
+        holdout_seed=hseed,
+        n_measure=len(measure),
+        wchoices=wchoices,
+        achoices=achoices,
+        layout=layout.fingerprint(),
+    )
+    cache = SearchCache(cache_dir(config.checkpoint, form), key, enabled=config.use_cache)
+    timings: dict[str, float] = {}
+    with _Bars(progress) as bars:
+        # --- samples ------------------------------------------------------------
+        t0 = time.perf_counter()
+        cached = cache.load_samples()
+        genes = np.zeros((0, gspace.size), np.int64)
+        accs = np.zeros(0, np.float32)
+        if cached is not None:
+            genes, _, accs = cached
+        samples_cached = cached is not None and len(accs) >= config.n_samples
+        n_new = max(0, config.n_samples - len(accs))
+        if n_new:
+            rng = np.random.default_rng([config.seed, len(accs)])
+            new = sample_population(rng, gspace.choices, n_new)
+            update = bars.task("measuring subnets", n_new)
+            new_acc = np.zeros(n_new, np.float32)
+            for i, g in enumerate(new):
+                new_acc[i] = measure(to_spec(g))
+                update(i + 1, f"acc {new_acc[i]:.3f}")
+            genes, accs = np.concatenate([genes, new]), np.concatenate([accs, new_acc])
+        x = encode_many([to_spec(g) for g in genes], layout)
+        if n_new:
+            cache.save_samples(genes, x, accs)
+        timings["sampling_s"] = time.perf_counter() - t0
+        timings["measure_per_candidate_s"] = (
+            timings["sampling_s"] / n_new if n_new else float("nan")
+        )
+
+        # --- predictor ----------------------------------------------------------
+        t0 = time.perf_counter()
+        loaded = cache.load_predictor(config.predictor, len(accs))
+        predictor_cached = loaded is not None
+        if loaded is None:
+            update = bars.task("training predictor", config.predictor.epochs)
+            predictor, metrics = fit_and_score(
+                x, accs, config.predictor, config.test_fraction, on_epoch=lambda e, t: update(e)
+            )
+            cache.save_predictor(predictor, metrics, len(accs))
+        else:
+            predictor, metrics = loaded
+        timings["predictor_s"] = time.perf_counter() - t0
+
+        # --- evolution ----------------------------------------------------------
+        t0 = time.perf_counter()
+        scored = [0, 0.0]
+
+        def fitness(pop: np.ndarray) -> np.ndarray:
+            t = time.perf_counter()
+            out = predictor.predict(encode_many([to_spec(g) for g in pop], layout))
+            scored[0] += len(pop)
+            scored[1] += time.perf_counter() - t
+            return out
+
+        evo_cfg = EvolutionConfig(
+            population=config.population,
+            parents=config.parents or max(1, config.population // 4),
+            generations=config.generations,
+            mutate_p=config.mutate_p,
+            seed=config.seed,
+        )
+        update = bars.task("evolution", config.generations)
+        result = evolve(
+            gspace.choices,
+            fitness,
+            cost_of,
+            budget.met,
+            evo_cfg,
+            init=lambda rng: sample_genes(rng, gspace.choices),
+            on_generation=lambda g, best: update(g, f"best predicted {best:.4f}"),
+        )
+        timings["evolution_s"] = time.perf_counter() - t0
+        timings["predict_per_candidate_s"] = scored[1] / max(scored[0], 1)
+
+        # --- re-measure the top candidates for real -----------------------------
+        t0 = time.perf_counter()
+        top = result.top(config.top_k)
+        update = bars.task("re-measuring top candidates", len(top))
+        remeasured = []
+        for i, (g, c, p) in enumerate(top):
+            remeasured.append((g, c, p, measure(to_spec(g))))
+            update(i + 1)
+        # Best measured; ties go to the higher prediction, then the cheaper.
+        best_g, best_c, best_p, best_m = max(remeasured, key=lambda r: (r[3], r[2], -r[1]))
+        uniform = []
+        for b in sorted(set(wchoices) & set(achoices)):
+            g = gspace.uniform(b, b)
+            uniform.append(
+                UniformRef(
+                    b,
+                    cost_of(g),
+                    float(predictor.predict(encode_many([to_spec(g)], layout))[0]),
+                    measure(to_spec(g)),
+                )
+            )
+        timings["remeasure_s"] = time.perf_counter() - t0
+
+    spec = to_spec(best_g)
+    profile.check(spec)
+    net.check_spec(spec)
+    rows = [
+        ParetoRow("front", genes_id(g), c, f)
+        for c, f, g in front([(c, f, k) for k, (c, f) in result.archive.items()])
+    ]
+    rows += [
+        ParetoRow("candidate", genes_id(g), c, p, m, chosen=bool(np.array_equal(g, best_g)))
+        for g, c, p, m in remeasured
+    ]
+    rows += [
+        ParetoRow("uniform", f"uniform-w{u.bits}a{u.bits}", u.cost, u.predicted, u.measured)
+        for u in uniform
+    ]
+    outputs: tuple[Path, ...] = ()
+    if config.out is not None:
+        from deployq.fileio import write_text
+
+        csv_path, png_path = pareto_paths(config.out)
+        write_text(config.out, spec.to_json() + "\n")
+        write_csv(csv_path, rows, budget.kind)
+        write_png(
+            png_path,
+            rows,
+            budget.kind,
+            budget.value,
+            f"{Path(str(config.checkpoint)).name} / {profile.name}: budget {budget} "
+            f"(chosen {format_cost(budget.kind, best_c)}, measured {best_m:.4f})",
+        )
+        outputs = (Path(config.out), csv_path, png_path)
+    timings["total_s"] = time.perf_counter() - t_start
+    return SearchResult(
+        spec=spec,
+        measured_acc=float(best_m),
+        predicted_acc=float(best_p),
+        cost=float(best_c),
+        budget=budget,
+        cheapest=float(cheapest),
+        metrics=metrics,
+        pareto=tuple(rows),
+        uniform=tuple(uniform),
+        n_measured=measure.calls,
+        samples_cached=samples_cached,
+        predictor_cached=predictor_cached,
+        timings=timings,
+        form=form,
+        data=str(source),
+        n_holdout=len(measure),
+        outputs=outputs,
+    )

@@ -1,0 +1,92 @@
+"""Training data for the predictor: subnets with evenly spread average bit-width,
+each measured for real on a held-out split of the training data.
+
+`sample_genes` draws a target average uniformly between the smallest and largest
+allowed bit-width, then every gene independently around it (Gaussian, rounded to
+the nearest allowed value), so the sample covers the cheap and the dear end of the
+space alike instead of piling up in the middle as independent uniform draws would.
+
+`Measurer` keeps the held-out images as one tensor and evaluates a spec in large
+batches under inference mode; switching subnets is `net.set_active(spec)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SPREAD = 1.0  # std-dev (in bits) of per-layer bits around the drawn target
+
+
+def _nearest(values: np.ndarray, choices: tuple[int, ...]) -> np.ndarray:
+    c = np.asarray(choices)
+    return c[np.abs(values[:, None] - c[None, :]).argmin(axis=1)]
+
+
+def sample_genes(
+    rng: np.random.Generator, choices: tuple[tuple[int, ...], ...], spread: float = SPREAD
+) -> np.ndarray:
+    lo = min(min(c) for c in choices)
+    hi = max(max(c) for c in choices)
+    target = rng.uniform(lo, hi)
+    raw = target + rng.normal(0.0, spread, size=len(choices))
+    out = np.empty(len(choices), dtype=np.int64)
+    # Genes sharing a choice set are rounded together (weights, then activations).
+    for cs in set(choices):
+        idx = np.array([i for i, c in enumerate(choices) if c == cs])
+        out[idx] = _nearest(raw[idx], cs)
+    return out
+
+
+def sample_population(
+    rng: np.random.Generator, choices, n: int, spread: float = SPREAD
+) -> np.ndarray:
+    return (
+        np.stack([sample_genes(rng, choices, spread) for _ in range(n)])
+        if n
+        else np.zeros((0, len(choices)), np.int64)
+    )
+
+
+class Measurer:
+    """Top-1 accuracy of a subnet on fixed images; counts how often it ran."""
+
+    def __init__(
+        self,
+        net,
+        x: np.ndarray | torch.Tensor,
+        y: np.ndarray | torch.Tensor,
+        batch_size: int = 1024,
+    ):
+        self.net = net
+        self.x = torch.as_tensor(x, dtype=torch.float32).contiguous()
+        self.y = torch.as_tensor(y, dtype=torch.int64)
+        self.batch_size = batch_size
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __call__(self, spec) -> float:
+        self.calls += 1
+        was_training = self.net.training
+        previous = self.net.active_spec()
+        self.net.eval()
+        self.net.set_active(spec)
+        correct = 0
+        try:
+            with torch.inference_mode():
+                for i in range(0, len(self.y), self.batch_size):
+                    logits = self.net(self.x[i : i + self.batch_size])
+                    correct += int((logits.argmax(1) == self.y[i : i + self.batch_size]).sum())
+        finally:
+            self.net.set_active(previous)
+            self.net.train(was_training)
+        return correct / max(len(self.y), 1)
+
+
+def subsample(n_total: int, n: int, seed: int) -> np.ndarray:
+    """Indices of at most n of n_total items, deterministic; all of them when n <= 0."""
+    if n <= 0 or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))

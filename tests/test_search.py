@@ -1,0 +1,270 @@
+"""Search: encoder, costs, budgets, evolution, predictor, end-to-end CLI, cache, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from deployq.elastic import convert
+from deployq.errors import UserError
+from deployq.search.cost import (
+    KINDS,
+    avg_abits,
+    avg_bits,
+    avg_wbits,
+    bitops,
+    check_feasible,
+    parse_budget,
+    size_bytes,
+)
+from deployq.search.encoder import FORM_FEATURES, encode, encoding_size
+from deployq.search.evolution import EvolutionConfig, evolve
+from deployq.search.genes import GeneSpace
+from deployq.search.layout import NetLayout
+from deployq.search.predictor import Predictor, PredictorConfig, fit_and_score
+from deployq.spec import ElasticSpace, Form, SubnetSpec
+
+SNPE = Form(False, False, False, False)
+CPU = Form(True, True, False, False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # 2-core CI machines run several test processes: torch's intra-op threads then spin
+    # against each other and small kernels get 10-50x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Tiny(nn.Module):
+    """c1 (fixed) -> c2 (+ residual add) -> c3 (1x1, stride 2) -> fc (fixed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(4)
+        self.c3 = nn.Conv2d(4, 8, 1, stride=2)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = F.relu(self.b1(self.c1(x)))
+        z = F.relu(self.b2(self.c2(y)) + y)
+        z = F.relu(self.c3(z))
+        return self.fc(z.mean((2, 3)))
+
+
+SPACE = ElasticSpace(wbits=(2, 3, 4, 8), abits=(2, 3, 4, 8), forms=(SNPE, CPU))
+TINY = convert(Tiny(), SPACE)
+LAYOUT = NetLayout.of(TINY, (1, 3, 8, 8))
+GSPACE = GeneSpace(LAYOUT, (2, 3, 4, 8), (2, 3, 4, 8))
+
+
+def tiny_spec(genes, form=SNPE) -> SubnetSpec:
+    return GSPACE.to_spec(genes, lambda n, w, a: TINY.layer_spec(n, form, w, a))
+
+
+genes_st = st.lists(st.sampled_from([2, 3, 4, 8]), min_size=GSPACE.size, max_size=GSPACE.size)
+
+
+# --------------------------------------------------------------------------- layout / genes
+
+
+def test_layout_of_tiny_net():
+    names = [li.name for li in LAYOUT.layers]
+    assert names[0] == "c1" and names[-1] == "fc" and len(names) == 5
+    assert [li.fixed for li in LAYOUT.layers] == [True, False, False, False, True]
+    assert [li.weighted for li in LAYOUT.layers] == [True, True, False, True, True]
+    # MACs per image by hand: out elements x filter size.
+    assert [li.macs for li in LAYOUT.layers] == [4 * 64 * 27, 4 * 64 * 36, 0, 8 * 16 * 4, 5 * 8]
+    assert GSPACE.w_layers == ("c2", "c3") and len(GSPACE.a_layers) == 3
+
+
+@given(genes_st)
+def test_genes_spec_round_trip(genes):
+    spec = tiny_spec(genes)
+    assert list(GSPACE.from_spec(spec)) == genes
+    assert spec.layers["c1"].weight.bits == 8 and spec.layers["fc"].act.bits == 8
+    TINY.check_spec(spec)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+@given(genes_st)
+@settings(max_examples=30)
+def test_encoder_one_hot(genes):
+    spec = tiny_spec(genes)
+    v = encode(spec, LAYOUT)
+    assert v.shape == (encoding_size(LAYOUT),)
+    assert list(v[:FORM_FEATURES]) == [0, 0, 0, 0]  # snpe: per-tensor asym weights, asym acts
+    pos = FORM_FEATURES
+    wb, ab = spec.weight_bits(), spec.act_bits()
+    for li in LAYOUT.searchable:  # fixed c1 / fc are skipped
+        if li.weighted:
+            block = v[pos : pos + 4]
+            assert block.sum() == 1 and block[LAYOUT.wbits.index(wb[li.name])] == 1
+            pos += 4 + 2
+        block = v[pos : pos + 4]
+        assert block.sum() == 1 and block[LAYOUT.abits.index(ab[li.name])] == 1
+        pos += 4 + 2
+    assert pos == len(v)
+
+
+def test_encoder_form_condition():
+    g = GSPACE.uniform(4, 4)
+    a, b = encode(tiny_spec(g, SNPE), LAYOUT), encode(tiny_spec(g, CPU), LAYOUT)
+    assert list(b[:FORM_FEATURES]) == [1, 1, 0, 0]
+    assert not np.array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- costs
+
+
+def test_size_bytes_by_hand():
+    spec = tiny_spec([4, 2, 3, 3, 3])  # c2 w4, c3 w2; acts 3; c1/fc fixed at 8
+    # weights numel * bits / 8 + 4-byte bias per output channel
+    expected = (
+        (108 * 8 / 8 + 4 * 4) + (144 * 4 / 8 + 4 * 4) + (32 * 2 / 8 + 4 * 8) + (40 * 8 / 8 + 4 * 5)
+    )
+    assert size_bytes(LAYOUT, spec) == expected == 312
+    assert avg_wbits(LAYOUT, spec) == (8 + 4 + 2 + 8) / 4
+    assert avg_abits(LAYOUT, spec) == (8 + 3 + 3 + 3 + 8) / 5
+    assert avg_bits(LAYOUT, spec) == (8 + 4 + 2 + 8 + 8 + 3 + 3 + 3 + 8) / 9
+    assert bitops(LAYOUT, spec) == 6912 * 64 + 9216 * 12 + 512 * 6 + 40 * 64
+
+
+@given(genes_st, st.integers(0, GSPACE.size - 1))
+def test_costs_monotone_in_bits(genes, i):
+    lower = list(genes)
+    choices = [2, 3, 4, 8]
+    if lower[i] == 2:
+        return
+    lower[i] = choices[choices.index(lower[i]) - 1]
+    a, b = tiny_spec(lower), tiny_spec(genes)
+    for kind, (fn, _) in KINDS.items():
+        assert fn(LAYOUT, a.weight_bits(), a.act_bits()) <= fn(
+            LAYOUT, b.weight_bits(), b.act_bits()
+        ), kind
+    layer = (GSPACE.w_layers + GSPACE.a_layers)[i]
+    if not layer.startswith("qadd"):  # residual-add quantizers feed no MAC
+        assert bitops(LAYOUT, a) < bitops(LAYOUT, b)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize(
+    "text,kind,value",
+    [
+        ("avg-bits=4", "avg-bits", 4.0),
+        ("avg-wbits=3.5", "avg-wbits", 3.5),
+        ("avg-abits=6", "avg-abits", 6.0),
+        ("size=20000", "size", 20000.0),
+        ("size=20k", "size", 20000.0),
+        ("size=1.5M", "size", 1.5e6),
+        ("bitops=1.2e9", "bitops", 1.2e9),
+        ("bitops=3G", "bitops", 3e9),
+    ],
+)
+def test_parse_budget(text, kind, value):
+    b = parse_budget(text)
+    assert (b.kind, b.value) == (kind, pytest.approx(value))
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "latency=3",
+            "unknown budget kind 'latency'; choose from avg-bits, avg-wbits, avg-abits, size, bitops",
+        ),
+        ("avg-bits", "budget must look like KIND=VALUE"),
+        ("size=lots", "is not a number"),
+        ("size=0", "must be positive"),
+    ],
+)
+def test_parse_budget_errors(text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_budget(text)
+
+
+def test_infeasible_budget_names_cheapest_cost():
+    # cheapest: c2/c3 weights 2, acts 2, c1/fc 8 -> (8+2+2+8 + 8+2+2+2+8) / 9
+    with pytest.raises(UserError) as e:
+        check_feasible(parse_budget("avg-bits=3"), LAYOUT, (2, 3), (2, 3))
+    assert str(e.value) == (
+        "budget avg-bits=3 cannot be met: the cheapest configuration costs 4.67 "
+        "(first/last layers fixed at 8 bits)"
+    )
+    assert check_feasible(parse_budget("avg-bits=4.7"), LAYOUT, (2, 3), (2, 3)) == pytest.approx(
+        42 / 9
+    )
+
+
+# --------------------------------------------------------------------------- evolution
+
+
+def _knapsack(seed: int):
+    rng = np.random.default_rng(seed)
+    n, choices = 20, tuple(range(2, 9))
+    weights = rng.uniform(0.1, 1.0, n)
+    budget = 80.0  # average 4 bits over 20 genes
+    # Linear value per bit: the optimum fills the most valuable genes to 8 first.
+    opt = np.full(n, 2)
+    spare = budget - opt.sum()
+    for i in np.argsort(-weights):
+        add = min(6, spare)
+        opt[i] += add
+        spare -= add
+    return weights, (choices,) * n, budget, float(weights @ opt)
+
+
+def test_evolution_finds_near_optimum_within_budget():
+    weights, choices, budget, optimum = _knapsack(1)
+    cfg = EvolutionConfig(population=100, parents=25, generations=60, seed=3)
+    run = lambda: evolve(
+        choices,
+        lambda pop: pop @ weights,
+        lambda g: float(g.sum()),
+        lambda c: c <= budget,
+        cfg,
+        init=lambda rng: rng.integers(2, 9, len(choices)),
+    )
+    r = run()
+    assert r.best.sum() <= budget
+    assert r.best_fitness >= 0.97 * optimum
+    assert all(c <= budget for c, _ in r.archive.values())
+    assert r.history == sorted(r.history)  # elitism: the best never gets worse
+    assert np.array_equal(run().best, r.best)  # deterministic for a seed
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+def test_predictor_learns_monotone_function(tmp_path):
+    rng = np.random.default_rng(0)
+    n, g, choices = 300, 12, np.arange(2, 9)
+    genes = rng.integers(2, 9, (n, g))
+    x = (genes[:, :, None] == choices[None, None, :]).reshape(n, -1).astype(np.float32)
+    importance = np.linspace(0.2, 1.0, g)
+    score = np.log(genes - 1.0) @ importance
+    z = 2 * (score - score.mean()) / score.std()
+    y = (0.5 + 0.5 / (1 + np.exp(-z))).astype(np.float32)  # accuracy-like, in (0.5, 1)
+    y += rng.normal(0, 0.005, n).astype(np.float32)
+    pred, metrics = fit_and_score(x, y, PredictorConfig(epochs=150, seed=0))
+    assert metrics.kendall_tau > 0.8, metrics
+    assert metrics.rmse < 0.1
+    torch.save(pred.state(), tmp_path / "p.pt")
+    back = Predictor.from_state(torch.load(tmp_path / "p.pt", weights_only=True))
+    np.testing.assert_allclose(back.predict(x[:10]), pred.predict(x[:10]), rtol=1e-6)

@@ -1,0 +1,181 @@
+"""End-to-end `deployq search` on a tiny calibrated ResNet-20: outputs, cache, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from deployq.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from deployq.cli import main
+from deployq.data import Preprocessing, load_data
+from deployq.elastic import convert
+from deployq.models import build_model
+from deployq.profile import load_profile
+from deployq.search import SearchConfig, search
+from deployq.search.cost import avg_bits
+from deployq.search.layout import NetLayout
+from deployq.search.predictor import PredictorConfig
+from deployq.spec import ElasticSpace, Form, SubnetSpec
+
+SNPE = Form(False, False, False, False)
+CPU = Form(True, True, False, False)
+QUICK = ["--samples", "40", "--generations", "4", "--population", "24", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_search.py
+    yield
+    torch.set_num_threads(n)
+
+
+def _meta(space, prep, **over) -> CheckpointMeta:
+    d = {
+        "model": "resnet20",
+        "model_args": {"num_classes": 10, "in_channels": 3, "input_size": 8, "width": 4},
+        "space": space,
+        "preprocessing": prep.to_dict(),
+        "class_names": tuple(str(i) for i in range(10)),
+        "train_config": {"data": "digits"},
+    }
+    d.update(over)
+    return CheckpointMeta(**d)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, one_thread):
+    """A FP32-trained (few seconds), calibrated tiny supernet: PTQ only, no supernet training."""
+    torch.manual_seed(0)
+    prep = Preprocessing.uniform(8, 3)
+    ds = load_data("digits", prep, split="train")
+    x, y = torch.tensor(ds.x), torch.tensor(ds.y)
+    model = build_model("resnet20", num_classes=10, in_channels=3, input_size=8, width=4)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(3):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            b = perm[i : i + 64]
+            loss = torch.nn.functional.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    space = ElasticSpace(wbits=(2, 3, 4, 8), abits=(2, 3, 4, 8), forms=(SNPE, CPU))
+    net = convert(model.eval(), space)
+    net.calibrate([x[:128]])
+    path = tmp_path_factory.mktemp("search") / "tiny.pt"
+    save_checkpoint(path, net, _meta(space, prep))
+    return path
+
+
+def test_cli_search_writes_spec_csv_png(ckpt, tmp_path, capsys):
+    out = tmp_path / "subnet.json"
+    rc = main(
+        [
+            "search",
+            str(ckpt),
+            "--profile",
+            "snpe",
+            "--budget",
+            "avg-bits=3.2",
+            "-o",
+            str(out),
+            *QUICK,
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "Kendall tau" in printed and "uniform w3a3" in printed
+    spec = SubnetSpec.from_json(out.read_text())
+    net = load_checkpoint(ckpt).net
+    net.check_spec(spec)
+    load_profile("snpe").check(spec)
+    assert avg_bits(NetLayout.of(net, (1, 3, 8, 8)), spec) <= 3.2
+    assert len(set(spec.weight_bits().values())) > 1  # mixed precision, not a uniform subnet
+    rows = list(csv.DictReader((tmp_path / "subnet.pareto.csv").open()))
+    assert {r["kind"] for r in rows} == {"front", "candidate", "uniform"}
+    chosen = [r for r in rows if r["chosen"] == "1"]
+    assert len(chosen) == 1 and float(chosen[0]["cost_avg-bits"]) <= 3.2
+    assert all(r["measured_acc"] for r in rows if r["kind"] != "front")
+    assert (tmp_path / "subnet.pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cache_reused_and_invalidated(ckpt, tmp_path):
+    cfg = SearchConfig(
+        checkpoint=ckpt,
+        profile="cpu",
+        budget="size=6k",
+        n_samples=30,
+        generations=3,
+        population=20,
+        out=tmp_path / "a.json",
+        predictor=PredictorConfig(epochs=60),
+    )
+    first = search(cfg, progress=False)
+    assert not first.samples_cached and first.n_measured >= 30
+    cache = ckpt.parent / (ckpt.name + ".cqap") / "w-pc-sym_a-asym"
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["n_samples"] == 30 and meta["key"]["form"] == CPU.to_dict()
+    torch.load(cache / "predictor.pt", weights_only=True)
+    # Another budget and output: no subnet is measured again, the predictor is reused.
+    second = search(
+        SearchConfig(**{**cfg.__dict__, "budget": "avg-bits=4", "out": tmp_path / "b.json"}),
+        progress=False,
+    )
+    assert second.samples_cached and second.predictor_cached
+    assert second.n_measured == 5 + 4  # top-k re-measured + 4 uniform references only
+    assert second.metrics == first.metrics
+    # A cache for another checkpoint (sha256 differs) is not used.
+    other = tmp_path / "other.pt"
+    other.write_bytes(ckpt.read_bytes() + b"")
+    ck = load_checkpoint(ckpt)
+    save_checkpoint(other, ck.net, ck.meta.with_(epoch=1))
+    (tmp_path / "other.pt.cqap").mkdir()
+    import shutil
+
+    shutil.copytree(cache, tmp_path / "other.pt.cqap" / cache.name)
+    third = search(
+        SearchConfig(**{**cfg.__dict__, "checkpoint": other, "out": None}), progress=False
+    )
+    assert not third.samples_cached and third.n_measured >= 30
+
+
+def _fail(capsys, args) -> str:
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("deployq: error: ")
+    return err
+
+
+def test_bad_input(ckpt, tmp_path, capsys):
+    base = ["search", str(ckpt), "-o", str(tmp_path / "s.json"), *QUICK]
+    err = _fail(capsys, [*base, "--profile", "snpe", "--budget", "avg-bits=1.5"])
+    assert "budget avg-bits=1.5 cannot be met: the cheapest configuration costs 2.45" in err
+    assert "(first/last layers fixed at 8 bits)" in err
+    assert "unknown budget kind 'speed'" in _fail(
+        capsys, [*base, "--profile", "snpe", "--budget", "speed=3"]
+    )
+    assert "unknown profile 'nosuch'" in _fail(
+        capsys, [*base, "--profile", "nosuch", "--budget", "avg-bits=4"]
+    )
+    # tensorrt's form (symmetric signed activations) is not in this supernet's space
+    assert "not trained for" in _fail(
+        capsys, [*base, "--profile", "tensorrt", "--budget", "avg-bits=4"]
+    )
+    ck = load_checkpoint(ckpt)
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(bare, ck.net, ck.meta.with_(preprocessing={}))
+    err = _fail(
+        capsys, ["search", str(bare), "--profile", "snpe", "--budget", "avg-bits=4", *QUICK]
+    )
+    assert "records no preprocessing" in err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert "junk.pt" in _fail(
+        capsys, ["search", str(junk), "--profile", "snpe", "--budget", "avg-bits=4"]
+    )
+    assert not (tmp_path / "s.json").exists()
