@@ -94,13 +94,23 @@ def test_cli_search_writes_spec_csv_png(ckpt, tmp_path, capsys):
     net.check_spec(spec)
     load_profile("snpe").check(spec)
     assert avg_bits(NetLayout.of(net, (1, 3, 8, 8)), spec) <= 3.2
-    assert len(set(spec.weight_bits().values())) > 1  # mixed precision, not a uniform subnet
+    searchable = [n for n in spec.layers if n not in net.fixed_layers]
+    bits = {spec.layers[n].act.bits for n in searchable}
+    bits |= {spec.layers[n].weight.bits for n in searchable if spec.layers[n].weight}
+    assert len(bits) > 1  # mixed precision: no uniform subnet fits avg-bits=3.2 but w2a2
     rows = list(csv.DictReader((tmp_path / "subnet.pareto.csv").open()))
     assert {r["kind"] for r in rows} == {"front", "candidate", "uniform"}
     chosen = [r for r in rows if r["chosen"] == "1"]
     assert len(chosen) == 1 and float(chosen[0]["cost_avg-bits"]) <= 3.2
     assert all(r["measured_acc"] for r in rows if r["kind"] != "front")
     assert (tmp_path / "subnet.pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the contract with export: it takes the searched spec as is
+    onnx_path = tmp_path / "searched.onnx"
+    rc = main(
+        ["export", str(ckpt), "--profile", "snpe", "--config", str(out), "-o", str(onnx_path)]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert onnx_path.stat().st_size > 0
 
 
 def test_cache_reused_and_invalidated(ckpt, tmp_path):

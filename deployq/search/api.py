@@ -174,10 +174,11 @@ def _holdout_params(config: SearchConfig, train_config: dict) -> tuple[float, in
         if config.holdout is not None
         else train_config.get("holdout", DEFAULT_HOLDOUT)
     )
+    # deployq.train holds out `holdout` of the train split with seed `seed`.
     seed = (
         config.holdout_seed
         if config.holdout_seed is not None
-        else train_config.get("holdout_seed", 0)
+        else train_config.get("holdout_seed", train_config.get("seed", 0))
     )
     try:
         frac, seed = float(frac), int(seed)
