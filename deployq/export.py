@@ -343,8 +343,28 @@ def _lower_bias(low: _Lowering, key: str, out: str, nodes, inits) -> None:
         inits.append(_init(out, value.astype(np.float32)))
 
 
+def _undedupe_initializers(g: onnx.GraphProto) -> None:
+    """The exporter stores identical buffers once and feeds the others through Identity
+    nodes (all-zero biases of a fresh model, for instance). Give each its own
+    initializer again, so every marker reads a constant of its own."""
+    inits = {t.name: t for t in g.initializer}
+    keep = []
+    for n in g.node:
+        if n.op_type == "Identity" and n.input[0] in inits:
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[n.input[0]])
+            t.name = n.output[0]
+            g.initializer.append(t)
+            inits[t.name] = t
+        else:
+            keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+
+
 def _lower(model: onnx.ModelProto, low: _Lowering | None) -> onnx.ModelProto:
     g = model.graph
+    _undedupe_initializers(g)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     rename: dict[str, str] = {}
