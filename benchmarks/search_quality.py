@@ -30,13 +30,15 @@ from deployq.search.layout import NetLayout
 from deployq.search.sampling import Measurer
 
 
-def train_supernet(path: Path, profiles: list[str], epochs: int, seed: int) -> None:
+def train_supernet(path: Path, profiles: list[str], epochs: int, seed: int, holdout: float) -> None:
     from deployq.train import TrainConfig, train
 
     forms = tuple(dict.fromkeys(load_profile(p).form for p in profiles))
-    cfg = TrainConfig(model="resnet20", data="digits", out=str(path), epochs=epochs, forms=forms, seed=seed)
+    cfg = TrainConfig(
+        model="resnet20", data="digits", out=str(path), epochs=epochs, forms=forms, seed=seed, holdout=holdout
+    )
     t = time.perf_counter()
-    train(cfg, progress=False)
+    train(cfg, progress=True)
     print(f"trained {path} in {time.perf_counter() - t:.0f} s (forms: {len(forms)}, epochs {epochs})")
 
 
@@ -49,12 +51,23 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=10, help="supernet epochs when training")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--train-holdout",
+        type=float,
+        default=0.3,
+        help="share of the train split training leaves out (the search measures subnets on it)",
+    )
     ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        # On a shared 2-core machine torch's intra-op threads spin against other
+        # processes; one thread is then several times faster.
+        torch.set_num_threads(args.threads)
 
     args.ckpt.parent.mkdir(parents=True, exist_ok=True)
     if not args.ckpt.exists():
-        train_supernet(args.ckpt, args.profiles, args.epochs, args.seed)
+        train_supernet(args.ckpt, args.profiles, args.epochs, args.seed, args.train_holdout)
     if args.train_only:
         return
     ckpt = load_checkpoint(args.ckpt)

@@ -47,6 +47,10 @@ def search_cmd(
     top_k: Annotated[
         int, typer.Option("--top-k", help="Candidates re-measured for real at the end.")
     ] = 5,
+    refine_rounds: Annotated[
+        int,
+        typer.Option("--refine-rounds", help="Rounds of: evolve, measure top-k, refit predictor."),
+    ] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, predictor, evolution).")] = 0,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Ignore and do not write <ckpt>.cqap/.")
@@ -69,6 +73,7 @@ def search_cmd(
             seed=seed,
             out=out,
             top_k=top_k,
+            refine_rounds=refine_rounds,
             use_cache=not no_cache,
         ),
         progress=not quiet,
@@ -88,11 +93,12 @@ def _print_summary(r) -> None:
     t = Table(title=f"deployq search: budget {r.budget}", show_header=False)
     t.add_column("what")
     t.add_column("value", overflow="fold")
-    m = r.metrics
+    m, b = r.metrics, r.base_metrics
     t.add_row(
         "predictor",
         f"Kendall tau {m.kendall_tau:.3f}, RMSE {m.rmse:.4f} on {m.n_test} held-out configs "
-        f"(trained on {m.n_train}{', cached' if r.predictor_cached else ''})",
+        f"(from the samples alone: tau {b.kendall_tau:.3f}, RMSE {b.rmse:.4f}"
+        f"{', cached' if r.predictor_cached else ''})",
     )
     t.add_row(
         "samples",

@@ -19,7 +19,13 @@ from deployq.errors import UserError
 from deployq.search.cost import Budget, check_feasible, format_cost, parse_budget
 from deployq.search.evolution import EvolutionConfig, evolve
 from deployq.search.pareto import ParetoRow, front, genes_id, pareto_paths, write_csv, write_png
-from deployq.search.predictor import PredictorConfig, PredictorMetrics, fit_and_score
+from deployq.search.predictor import (
+    Predictor,
+    PredictorConfig,
+    PredictorMetrics,
+    score_predictor,
+    split_indices,
+)
 
 DEFAULT_HOLDOUT = 0.2
 
@@ -39,7 +45,8 @@ class SearchConfig:
     mutate_p: float = 0.1
     seed: int = 0
     out: str | Path | None = "subnet.json"
-    top_k: int = 5
+    top_k: int = 5  # candidates measured for real per round
+    refine_rounds: int = 2  # evolve, measure top-k, refit the predictor with them; repeat
     use_cache: bool = True
     n_measure: int = 0  # measure on at most this many held-out images (0 = all)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
@@ -62,7 +69,8 @@ class SearchResult:
     cost: float
     budget: Budget
     cheapest: float
-    metrics: PredictorMetrics
+    metrics: PredictorMetrics  # the final (refined) predictor on held-out configurations
+    base_metrics: PredictorMetrics  # the predictor fitted on the samples only
     pareto: tuple[ParetoRow, ...]
     uniform: tuple[UniformRef, ...]
     n_measured: int  # real measurements made by this run (0 samples when the cache held them)
@@ -225,6 +233,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         return budget.bits_cost(layout, w, a)
 
     cheapest = check_feasible(budget, layout, wchoices, achoices)
+    common_bits = sorted(set(wchoices) & set(achoices))
     profile.check(to_spec(gspace.uniform(min(wchoices), min(achoices))))  # fixed layers too
 
     # --- held-out split of the training data ------------------------------------
@@ -260,6 +269,10 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         if n_new:
             rng = np.random.default_rng([config.seed, len(accs)])
             new = sample_population(rng, gspace.choices, n_new)
+            if len(accs) == 0:
+                # Uniform subnets anchor the predictor where the supernet is trained best.
+                anchors = [gspace.uniform(b, b) for b in common_bits][: n_new // 4]
+                new[: len(anchors)] = anchors
             update = bars.task("measuring subnets", n_new)
             new_acc = np.zeros(n_new, np.float32)
             for i, g in enumerate(new):
@@ -276,21 +289,27 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
 
         # --- predictor ----------------------------------------------------------
         t0 = time.perf_counter()
+        tr, te = split_indices(len(accs), config.test_fraction, config.predictor.seed)
         loaded = cache.load_predictor(config.predictor, len(accs))
         predictor_cached = loaded is not None
         if loaded is None:
             update = bars.task("training predictor", config.predictor.epochs)
-            predictor, metrics = fit_and_score(
-                x, accs, config.predictor, config.test_fraction, on_epoch=lambda e, t: update(e)
+            predictor = Predictor(x.shape[1], config.predictor).fit(
+                x[tr], accs[tr], on_epoch=lambda e, t: update(e)
             )
+            metrics = score_predictor(predictor, x, accs, tr, te)
             cache.save_predictor(predictor, metrics, len(accs))
         else:
             predictor, metrics = loaded
+        base_metrics = metrics
         timings["predictor_s"] = time.perf_counter() - t0
 
-        # --- evolution ----------------------------------------------------------
+        # --- evolution, refined with real measurements of its best candidates ----
         t0 = time.perf_counter()
         scored = [0, 0.0]
+        measured: dict[tuple[int, ...], tuple[np.ndarray, float, float, float]] = {}
+        extra_x: list[np.ndarray] = []
+        extra_y: list[float] = []
 
         def fitness(pop: np.ndarray) -> np.ndarray:
             t = time.perf_counter()
@@ -299,47 +318,69 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
             scored[1] += time.perf_counter() - t
             return out
 
-        evo_cfg = EvolutionConfig(
-            population=config.population,
-            parents=config.parents or max(1, config.population // 4),
-            generations=config.generations,
-            mutate_p=config.mutate_p,
-            seed=config.seed,
-        )
-        update = bars.task("evolution", config.generations)
-        result = evolve(
-            gspace.choices,
-            fitness,
-            cost_of,
-            budget.met,
-            evo_cfg,
-            init=lambda rng: sample_genes(rng, gspace.choices),
-            on_generation=lambda g, best: update(g, f"best predicted {best:.4f}"),
-        )
+        result = None
+        for rnd in range(config.refine_rounds + 1):
+            evo_cfg = EvolutionConfig(
+                population=config.population,
+                parents=config.parents or max(1, config.population // 4),
+                generations=config.generations,
+                mutate_p=config.mutate_p,
+                seed=config.seed + rnd,
+            )
+            label = "evolution" if rnd == config.refine_rounds else f"evolution (round {rnd + 1})"
+            update = bars.task(label, config.generations)
+            result = evolve(
+                gspace.choices,
+                fitness,
+                cost_of,
+                budget.met,
+                evo_cfg,
+                init=lambda rng: sample_genes(rng, gspace.choices),
+                on_generation=lambda g, best, update=update: update(
+                    g, f"best predicted {best:.4f}"
+                ),
+            )
+            # The predictor is most wrong exactly where the search drives it: measure
+            # the top candidates for real, and (but after the last round) learn from them.
+            top = [t for t in result.top(config.top_k * 4) if tuple(t[0]) not in measured]
+            top = top[: config.top_k]
+            update = bars.task("measuring top candidates", len(top))
+            for i, (g, c, p) in enumerate(top):
+                m = measure(to_spec(g))
+                measured[tuple(int(v) for v in g)] = (g, c, p, m)
+                extra_x.append(encode_many([to_spec(g)], layout)[0])
+                extra_y.append(m)
+                update(i + 1, f"predicted {p:.3f} measured {m:.3f}")
+            if rnd < config.refine_rounds:
+                update = bars.task(
+                    f"refining predictor ({len(extra_y)} new)", config.predictor.epochs
+                )
+                predictor = Predictor(x.shape[1], config.predictor).fit(
+                    np.concatenate([x[tr], np.stack(extra_x)]),
+                    np.concatenate([accs[tr], np.asarray(extra_y, np.float32)]),
+                    on_epoch=lambda e, t, update=update: update(e),
+                )
+                metrics = score_predictor(predictor, x, accs, tr, te)
         timings["evolution_s"] = time.perf_counter() - t0
         timings["predict_per_candidate_s"] = scored[1] / max(scored[0], 1)
 
-        # --- re-measure the top candidates for real -----------------------------
+        # --- uniform references; the choice is the best MEASURED subnet in budget -----
         t0 = time.perf_counter()
-        top = result.top(config.top_k)
-        update = bars.task("re-measuring top candidates", len(top))
-        remeasured = []
-        for i, (g, c, p) in enumerate(top):
-            remeasured.append((g, c, p, measure(to_spec(g))))
-            update(i + 1)
-        # Best measured; ties go to the higher prediction, then the cheaper.
-        best_g, best_c, best_p, best_m = max(remeasured, key=lambda r: (r[3], r[2], -r[1]))
         uniform = []
-        for b in sorted(set(wchoices) & set(achoices)):
+        for b in common_bits:
             g = gspace.uniform(b, b)
-            uniform.append(
-                UniformRef(
-                    b,
-                    cost_of(g),
-                    float(predictor.predict(encode_many([to_spec(g)], layout))[0]),
-                    measure(to_spec(g)),
-                )
+            u = UniformRef(
+                b,
+                cost_of(g),
+                float(predictor.predict(encode_many([to_spec(g)], layout))[0]),
+                measure(to_spec(g)),
             )
+            uniform.append(u)
+            if budget.met(u.cost):
+                measured.setdefault(tuple(int(v) for v in g), (g, u.cost, u.predicted, u.measured))
+        remeasured = list(measured.values())
+        # Ties go to the higher prediction, then the cheaper.
+        best_g, best_c, best_p, best_m = max(remeasured, key=lambda r: (r[3], r[2], -r[1]))
         timings["remeasure_s"] = time.perf_counter() - t0
 
     spec = to_spec(best_g)
@@ -382,6 +423,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         budget=budget,
         cheapest=float(cheapest),
         metrics=metrics,
+        base_metrics=base_metrics,
         pareto=tuple(rows),
         uniform=tuple(uniform),
         n_measured=measure.calls,

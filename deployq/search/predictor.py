@@ -168,6 +168,15 @@ class PredictorMetrics:
         return asdict(self)
 
 
+def score_predictor(
+    predictor: Predictor, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray
+) -> PredictorMetrics:
+    p = predictor.predict(x[test_idx])
+    return PredictorMetrics(
+        kendall_tau(p, y[test_idx]), rmse(p, y[test_idx]), len(train_idx), len(test_idx)
+    )
+
+
 def fit_and_score(
     x: np.ndarray,
     y: np.ndarray,

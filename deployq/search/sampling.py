@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SPREAD = 1.0  # std-dev (in bits) of per-layer bits around the drawn target
+SPREAD = 1.0  # mean std-dev (in bits) of per-layer bits around the drawn target
 
 
 def _nearest(values: np.ndarray, choices: tuple[int, ...]) -> np.ndarray:
@@ -24,8 +24,12 @@ def _nearest(values: np.ndarray, choices: tuple[int, ...]) -> np.ndarray:
 
 
 def sample_genes(
-    rng: np.random.Generator, choices: tuple[tuple[int, ...], ...], spread: float = SPREAD
+    rng: np.random.Generator, choices: tuple[tuple[int, ...], ...], spread: float | None = None
 ) -> np.ndarray:
+    """One genome; `spread` None draws it per genome in [0, 2 * SPREAD], so the sample
+    holds near-uniform subnets as well as strongly mixed ones."""
+    if spread is None:
+        spread = rng.uniform(0.0, 2 * SPREAD)
     lo = min(min(c) for c in choices)
     hi = max(max(c) for c in choices)
     target = rng.uniform(lo, hi)
@@ -39,7 +43,7 @@ def sample_genes(
 
 
 def sample_population(
-    rng: np.random.Generator, choices, n: int, spread: float = SPREAD
+    rng: np.random.Generator, choices, n: int, spread: float | None = None
 ) -> np.ndarray:
     return (
         np.stack([sample_genes(rng, choices, spread) for _ in range(n)])
