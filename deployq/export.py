@@ -151,8 +151,8 @@ class _XWeighted(nn.Module):
         self.is_conv = isinstance(m, ElasticConv2d)
         if self.is_conv:
             self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, m.groups
-        self.register_buffer("weight", weight.detach().clone().float())
-        self.register_buffer("bias", bias.detach().clone().float())
+        self.register_buffer("weight", weight.detach().float())
+        self.register_buffer("bias", bias.detach().float())
         self.keys = (f"{name}.input", f"{name}.weight", f"{name}.bias") if quantized else (None,) * 3
 
     def forward(self, x):
@@ -173,23 +173,33 @@ class _XAdd(nn.Module):
         return _mark(a, self.keys[0]) + _mark(b, self.keys[1])
 
 
-def _export_module(net, frozen: dict | None) -> nn.Module:
-    from deployq.elastic import ElasticAdd, dequantized_weight
+def _dequantized_weight(p) -> torch.Tensor:
+    """(q - z) * s in float32, as elastic.dequantized_weight and DequantizeLinear compute
+    it; in numpy because torch's intra-op threads only contend on a busy machine."""
+    q = p.weight_int.numpy()
+    shape = (-1,) + (1,) * (q.ndim - 1)
+    z = np.round(p.weight_zero_point.numpy().astype(np.float32)).reshape(shape)
+    s = p.weight_scale.detach().numpy().astype(np.float32).reshape(shape)
+    return torch.from_numpy((q.astype(np.float32) - z) * s)
 
-    gm = copy.deepcopy(net.gm).eval()
+
+def _export_module(net, frozen: dict | None) -> nn.Module:
+    from deployq.elastic import ElasticAdd
+
+    replacements: dict[str, nn.Module] = {}
     for name, m in net.layers():
         if isinstance(m, ElasticAdd):
-            new = _XAdd(name, frozen is not None)
+            replacements[name] = _XAdd(name, frozen is not None)
         elif frozen is None:
-            new = _XWeighted(m, m.weight, m.bias, name, False)
+            replacements[name] = _XWeighted(m, m.weight, m.bias, name, False)
         else:
             p = frozen[name]
             bias = p.bias_int.to(torch.float32) * p.bias_scale  # what the int32 accumulator adds
-            new = _XWeighted(m, dequantized_weight(p), bias, name, True)
-        parent_name, _, attr = name.rpartition(".")
-        parent = gm.get_submodule(parent_name) if parent_name else gm
-        setattr(parent, attr, new)
-    return gm
+            replacements[name] = _XWeighted(m, _dequantized_weight(p), bias, name, True)
+    # Copy the graph module with the elastic layers swapped for their export modules
+    # (the memo makes deepcopy use the replacement instead of copying the supernet's cells).
+    memo = {id(net.layer(name)): new for name, new in replacements.items()}
+    return copy.deepcopy(net.gm, memo).eval()
 
 
 def _torch_export(module: nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
@@ -636,11 +646,13 @@ def export(
 
     out = check_writable(out)
     model, low = build_model(ckpt, profile, None if fp32 else spec, fp32=fp32, calibration=calibration)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
-        raise RuntimeError(f"deployq bug: the exported graph fails the ONNX checker: {e}") from e
-    if not fp32:
+    if fp32:
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as e:
+            raise RuntimeError(f"deployq bug: the exported graph fails the ONNX checker: {e}") from e
+    else:
+        # check_model's first rule is onnx.checker with full_check=True: not run twice.
         violations = check_model(model, profile)
         if violations:
             raise RuntimeError(
