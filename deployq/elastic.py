@@ -96,9 +96,8 @@ class WeightQuantizer(nn.Module):
         scale, zp = self.qparams(spec)
         per_scale = w.numel() // scale.numel()
         g = lsq_grad_factor(spec.qmax, per_scale)
-        return fake_quant(
-            w, channel_view(scale, w.ndim, 0), channel_view(zp, w.ndim, 0), spec.qmin, spec.qmax, g
-        )
+        zp = None if spec.symmetric else channel_view(zp, w.ndim, 0)  # None: skip all z work
+        return fake_quant(w, channel_view(scale, w.ndim, 0), zp, spec.qmin, spec.qmax, g)
 
     @torch.no_grad()
     def calibrate(self, w: torch.Tensor, forms: Iterable[tuple[bool, bool]]) -> None:
@@ -152,7 +151,7 @@ class ActQuantizer(nn.Module):
             self._record.append(_subsample(x))
         scale, zp = self.qparams(spec)
         g = lsq_grad_factor(spec.qmax, x.numel())
-        return fake_quant(x, scale, zp, spec.qmin, spec.qmax, g)
+        return fake_quant(x, scale, None if spec.symmetric else zp, spec.qmin, spec.qmax, g)
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
@@ -171,6 +170,12 @@ class ActQuantizer(nn.Module):
                 self.scale[kind][i].copy_(s.reshape(1))
                 if kind == "asym":
                     self.zero_point[i].copy_(z.reshape(1))
+
+
+def _with_fixed(bits: tuple[int, ...], space: ElasticSpace) -> tuple[int, ...]:
+    if space.fixed_bits is None:
+        return tuple(bits)
+    return tuple(sorted(set(bits) | {space.fixed_bits}))
 
 
 def _subsample(x: torch.Tensor, n: int = 1 << 14) -> torch.Tensor:
@@ -196,8 +201,10 @@ class _ElasticWeighted(nn.Module):
         out = weight.shape[0]
         b = bias.detach().clone() if bias is not None else torch.zeros(out)
         self.bias = nn.Parameter(b)
-        self.wq = WeightQuantizer(out, space.wbits)
-        self.aq = ActQuantizer(space.abits)
+        # The fixed first/last bit-width gets its own cell even when it is outside the
+        # elastic range (e.g. a dedicated 2-bit space with 8-bit first/last layers).
+        self.wq = WeightQuantizer(out, _with_fixed(space.wbits, space))
+        self.aq = ActQuantizer(_with_fixed(space.abits, space))
         self.active: LayerSpec | None = None
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -402,6 +409,8 @@ class ElasticNet(nn.Module):
                 raise UserError(f"layer {n!r} has signed inputs; a symmetric unsigned activation grid cannot hold them")
             for q in [ls.act] + ([ls.weight] if ls.weight else []):
                 pool = self.space.wbits if q is ls.weight else self.space.abits
+                if n in self.fixed_layers:
+                    pool = _with_fixed(pool, self.space)
                 if q.bits not in pool:
                     raise UserError(f"layer {n!r}: {q.bits} bits are not in the supernet's space {pool}")
 

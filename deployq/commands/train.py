@@ -1,0 +1,160 @@
+"""`deployq train` and `deployq eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deployq.errors import UserError
+from deployq.spec import MAX_BITS, MIN_BITS, check_bits
+
+
+def parse_bits(text: str, what: str) -> tuple[int, ...]:
+    """"2-8" (a range) or "2,4,8" (a list) -> sorted unique bit-widths within 2..8."""
+    text = text.strip()
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-", 1))
+            if lo > hi:
+                raise UserError(f"--{what} range {text!r} is empty")
+            bits = tuple(range(lo, hi + 1))
+        else:
+            bits = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--{what} must be a range like 2-8 or a list like 2,4,8; got {text!r}") from None
+    if not bits:
+        raise UserError(f"--{what} is empty")
+    for b in bits:
+        check_bits(b, f"--{what}")
+    return tuple(sorted(set(bits)))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_cmd(
+        model: str = typer.Option("resnet20", help="Model from the zoo: resnet20, resnet18, mobilenetv2."),
+        data: str = typer.Option("digits", help="digits (built in), an ImageFolder directory or an .npz (x, y)."),
+        out: Path = typer.Option(Path("ckpt.pt"), help="Checkpoint to write (atomically, every epoch)."),
+        epochs: int = typer.Option(10, help="Supernet epochs (after the FP32 warm-up)."),
+        batch_size: int = typer.Option(64, help="Batch size per process."),
+        lr: float = typer.Option(2e-5, help="Adam learning rate of the (BN-folded) weights."),
+        lr_quant: float = typer.Option(2e-3, help="Adam learning rate of step sizes and zero-points."),
+        input_size: int | None = typer.Option(None, help="Input side in pixels (default: the data's; digits: 16)."),
+        width: int | None = typer.Option(None, help="Base width of the model (default: the model's, 16 for resnet20)."),
+        wbits: str = typer.Option("2-8", help="Weight bit-widths of the space: range 2-8 or list 2,4,8."),
+        abits: str = typer.Option("2-8", help="Activation bit-widths of the space."),
+        fixed_bits: int = typer.Option(8, help="Bit-width of the first and last layer."),
+        no_fixed: bool = typer.Option(False, "--no-fixed", help="Make the first/last layer elastic too."),
+        no_wdr: bool = typer.Option(False, "--no-wdr", help="Ablation: no weight-distribution regularisation."),
+        no_gpg: bool = typer.Option(False, "--no-gpg", help="Ablation: every sandwich subnet on plain CE (no KL chaining)."),
+        grad_l1: float = typer.Option(0.0, "--grad-l1", help="Gradient-l1 lambda on weights (0 = off)."),
+        grad_l1_act: float = typer.Option(0.0, "--grad-l1-act", help="Gradient-l1 lambda on activations."),
+        grad_l1_last: int = typer.Option(0, "--grad-l1-last", help="Apply gradient-l1 only in the last N epochs (0 = all)."),
+        pretrained: Path | None = typer.Option(None, help="A plain FP32 state_dict of the model: skips the warm-up."),
+        warmup_epochs: int = typer.Option(20, help="FP32 warm-up epochs (without --pretrained)."),
+        warmup_lr: float = typer.Option(0.05, help="SGD learning rate of the FP32 warm-up."),
+        seed: int = typer.Option(0),
+        resume: bool = typer.Option(False, "--resume", help="Continue from --out after a kill (same settings)."),
+        holdout: float = typer.Option(0.1, help="Fraction of the train split held out for per-epoch metrics."),
+        no_augment: bool = typer.Option(False, "--no-augment", help="No random-shift augmentation."),
+        threads: int | None = typer.Option(None, help="torch threads per process (1 is often fastest for small nets on a busy CPU)."),
+    ) -> None:
+        """Train an elastic quantization supernet (FP32 warm-up, BN folding, GPG sandwich + WDR).
+
+        The defaults train ResNet-20 (width 16) on the built-in digits at 16x16: 20 FP32
+        epochs then 10 supernet epochs, a few minutes on 2 CPU cores. Runs unchanged under
+        `torchrun --nproc_per_node N` (DistributedDataParallel).
+        """
+        from deployq.train import TrainConfig, train
+
+        cfg = TrainConfig(
+            model=model,
+            data=data,
+            out=str(out),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr_weights=lr,
+            lr_quant=lr_quant,
+            warmup_epochs=warmup_epochs,
+            warmup_lr=warmup_lr,
+            input_size=input_size,
+            width=width,
+            wbits=parse_bits(wbits, "wbits"),
+            abits=parse_bits(abits, "abits"),
+            fixed_bits=None if no_fixed else check_bits(fixed_bits, "--fixed-bits"),
+            wdr=not no_wdr,
+            gpg=not no_gpg,
+            grad_l1_w=grad_l1,
+            grad_l1_a=grad_l1_act,
+            grad_l1_last=grad_l1_last,
+            pretrained=str(pretrained) if pretrained else None,
+            seed=seed,
+            resume=resume,
+            holdout=holdout,
+            augment=not no_augment,
+            threads=threads,
+        )
+        train(cfg, progress=True)
+
+    @app.command("eval")
+    def eval_cmd(
+        checkpoint: Path = typer.Argument(..., help="A supernet checkpoint from `deployq train`."),
+        wbits: int = typer.Option(8, help=f"Weight bits ({MIN_BITS}..{MAX_BITS})."),
+        abits: int | None = typer.Option(None, help="Activation bits (default: --wbits)."),
+        granularity: str = typer.Option("per-channel", help="Weight granularity: per-tensor or per-channel."),
+        symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Weight symmetry."),
+        act_symmetric: bool = typer.Option(False, "--act-symmetric/--act-asymmetric", help="Activation symmetry."),
+        act_signed: bool = typer.Option(False, "--act-signed/--act-unsigned", help="Symmetric activations: signed (int8) grid."),
+        config: Path | None = typer.Option(None, help="A SubnetSpec JSON (overrides the bit/form options)."),
+        data: str | None = typer.Option(None, help="Data source (default: the one it was trained on)."),
+        split: str = typer.Option("val", help="train, val or all."),
+        fp32: bool = typer.Option(False, "--fp32", help="Evaluate the float (BN-folded) network instead."),
+        batch_size: int = typer.Option(256),
+    ) -> None:
+        """Print the top-1 accuracy of one subnet of a supernet checkpoint, in PyTorch."""
+        from deployq.checkpoint import load_checkpoint
+        from deployq.data import Preprocessing, load_data
+        from deployq.evaluate import evaluate, form_label
+        from deployq.spec import GRANULARITIES, Form, SubnetSpec
+
+        if granularity not in GRANULARITIES:
+            raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
+        check_bits(wbits, "--wbits")
+        abits = check_bits(abits, "--abits") if abits is not None else wbits
+        spec_json = None
+        if config is not None:
+            if not config.is_file():
+                raise UserError(f"subnet config {str(config)!r} does not exist")
+            spec_json = SubnetSpec.from_json(config.read_text())
+        ckpt = load_checkpoint(checkpoint)
+        net, meta = ckpt.net, ckpt.meta
+        source = data or meta.train_config.get("data")
+        if not source:
+            raise UserError("the checkpoint does not record its data source: pass --data")
+        pre = Preprocessing.from_dict(meta.preprocessing)
+        ds = load_data(source, pre, split=split)
+        if tuple(ds.class_names) != tuple(meta.class_names):
+            raise UserError(
+                f"the classes of {source!r} ({len(ds.class_names)}) differ from the checkpoint's "
+                f"({len(meta.class_names)}): {list(ds.class_names)[:5]} vs {list(meta.class_names)[:5]}"
+            )
+        if fp32:
+            spec, label = None, "float (BN folded)"
+        elif spec_json is not None:
+            spec, label = spec_json, f"subnet {config}"
+        else:
+            form = Form(
+                weight_per_channel=granularity == "per-channel",
+                weight_symmetric=symmetric,
+                act_symmetric=act_symmetric,
+                act_signed=act_signed,
+            )
+            spec = net.uniform_spec(form, wbits, abits)
+            label = f"w{wbits}a{abits} {form_label(form)}"
+        if spec is not None:
+            net.check_spec(spec)
+        acc = evaluate(net, ds, spec, batch_size)
+        n = len(ds)
+        print(f"top-1 {100 * acc:.2f}% ({round(acc * n)}/{n})  {label}  on {source} [{split}]")
+

@@ -1,0 +1,750 @@
+"""Supernet training: FP32 warm-up (or a pretrained state_dict), BN-folding conversion,
+calibration, then the GPG sandwich with WDR and the optional gradient-l1 regulariser.
+
+    cfg = TrainConfig(model="resnet20", data="digits", out="ckpt.pt")
+    ckpt = train(cfg)
+
+Runs as is under `torchrun --nproc_per_node N` (DistributedDataParallel; gloo on CPU,
+nccl on GPU); rank 0 evaluates, prints and writes. A checkpoint is written atomically at
+the end of the warm-up (epoch 0) and after every supernet epoch; `resume=True` continues
+from it with the same epoch counter, optimizer and scheduler state. The warm-up itself is
+short and is simply rerun if a kill lands inside it.
+
+All randomness of a step (subnet choice, augmentation, shuffling) is derived from
+(seed, epoch, step), so a resumed run and every DDP rank see the same subnets without
+any stored RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deployq.errors import UserError
+from deployq.fileio import check_writable
+from deployq.spec import ALL_FORMS, ElasticSpace, Form, check_bits
+
+REFERENCE_FORM = Form(weight_per_channel=True, weight_symmetric=True, act_symmetric=False)
+PER_TENSOR_REFERENCE = Form(weight_per_channel=False, weight_symmetric=False, act_symmetric=False)
+CLIP_VALUE = 1.0
+ALL_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (recorded in the checkpoint)."""
+
+    model: str = "resnet20"
+    data: str = "digits"
+    out: str = "ckpt.pt"
+    epochs: int = 10  # supernet epochs (after the warm-up)
+    batch_size: int = 64
+    lr_weights: float = 2e-5  # Adam; higher knocks the BN-folded weights out of their minimum
+    lr_quant: float = 2e-3  # Adam; step sizes / zero-points
+    warmup_epochs: int = 20  # FP32 epochs when no pretrained state_dict is given
+    warmup_lr: float = 0.05  # SGD (momentum 0.9, nesterov), cosine to 0
+    input_size: int | None = None  # None: the data's default (digits: 16)
+    width: int | None = None  # None: the model's default
+    wbits: tuple[int, ...] = ALL_BITS
+    abits: tuple[int, ...] = ALL_BITS
+    forms: tuple[Form, ...] = ALL_FORMS
+    fixed_bits: int | None = 8  # first/last layer bits; None = elastic too
+    wdr: bool = True
+    gpg: bool = True
+    grad_l1_w: float = 0.0
+    grad_l1_a: float = 0.0
+    grad_l1_last: int = 0  # apply grad-l1 only in the last N epochs (0 = all)
+    pretrained: str | None = None
+    seed: int = 0
+    resume: bool = False
+    holdout: float = 0.1  # fraction of the TRAIN split held out for per-epoch metrics
+    calib_batches: int = 4
+    augment: bool = True  # random shifts of up to size/8 pixels
+    lowest_per_tensor: float = 0.5  # probability the lowest subnet uses a per-tensor form
+    final_eval: bool = True  # uniform-subnet table on the val split at the end
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+
+    def __post_init__(self) -> None:
+        for name in ("wbits", "abits"):
+            bits = tuple(int(b) for b in getattr(self, name))
+            if not bits:
+                raise UserError(f"--{name} is empty")
+            for b in bits:
+                check_bits(b, name)
+            object.__setattr__(self, name, tuple(sorted(set(bits))))
+        if self.fixed_bits is not None:
+            check_bits(self.fixed_bits, "fixed bits")
+        object.__setattr__(self, "forms", tuple(self.forms))
+        for name in ("epochs", "warmup_epochs", "grad_l1_last", "calib_batches"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be >= 1; got {self.batch_size}")
+        for name in ("lr_weights", "lr_quant", "warmup_lr", "grad_l1_w", "grad_l1_a"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not 0.0 < self.holdout < 1.0:
+            raise UserError(f"holdout fraction must be in (0, 1); got {self.holdout}")
+        if not 0.0 <= self.lowest_per_tensor <= 1.0:
+            raise UserError("lowest_per_tensor must be a probability")
+        for name in ("input_size", "width"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise UserError(f"{name} must be a positive integer; got {v}")
+
+    @property
+    def space(self) -> ElasticSpace:
+        return ElasticSpace(self.wbits, self.abits, self.forms, self.fixed_bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["wbits"], d["abits"] = list(self.wbits), list(self.abits)
+        d["forms"] = [f.to_dict() for f in self.forms]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "forms" in kw:
+            kw["forms"] = tuple(Form.from_dict(f) for f in kw["forms"])
+        for k in ("wbits", "abits"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return _Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _barrier(d: _Dist) -> None:
+    if d.active:
+        torch.distributed.barrier()
+
+
+def _broadcast_state(module: nn.Module, d: _Dist) -> None:
+    """Make every rank hold rank 0's parameters and buffers (BN statistics, calibration)."""
+    if not d.active:
+        return
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            torch.distributed.broadcast(t, 0)
+
+
+def _ddp(net: nn.Module) -> nn.Module:
+    """DDP over the supernet. find_unused_parameters: a step uses only the cells of its
+    subnets, the rest keep grad None. No buffer sync: the only buffers are calibration
+    flags, identical on every rank."""
+    import inspect
+
+    kw = {"find_unused_parameters": True}
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    kw["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
+    return nn.parallel.DistributedDataParallel(net, **kw)
+
+
+def _allreduce_grads(params: list[nn.Parameter], d: _Dist) -> None:
+    """Average gradients over ranks (used where DDP's hooks cannot run: double backward).
+    Every rank trains the same subnets, so the set of None gradients is the same."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not d.active:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= d.world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Data:
+    fit: Any  # deployq.data.Dataset
+    held: Any
+    preprocessing: Any
+    class_names: tuple[str, ...]
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
+    from deployq.data import holdout, infer_preprocessing, load_data
+
+    pre = infer_preprocessing(cfg.data)
+    if cfg.input_size is not None and cfg.input_size != pre.size:
+        pre = replace(pre, size=cfg.input_size)
+    ds = load_data(cfg.data, pre, split="train")
+    if len(ds) < 2:
+        raise UserError(f"data source {cfg.data!r} has too few training samples ({len(ds)})")
+    fit, held = holdout(ds, cfg.holdout, seed=cfg.seed)
+    return _Data(fit, held, pre, tuple(ds.class_names))
+
+
+def _epoch_batches(
+    n: int, batch_size: int, epoch: int, seed: int, d: _Dist
+) -> list[np.ndarray]:
+    """This rank's batches of an epoch: a DistributedSampler shard, in full batches
+    (the last partial batch is dropped unless it is the only one)."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    idx = np.fromiter(iter(sampler), dtype=np.int64)
+    bs = min(batch_size, len(idx))
+    full = len(idx) // bs
+    return [idx[i * bs : (i + 1) * bs] for i in range(full)]
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to max_shift pixels (replicate padding: the border of
+    a digit image is its background)."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen)
+    out = torch.empty_like(x)
+    for i in range(n):
+        dy, dx = int(offs[i, 0]), int(offs[i, 1])
+        out[i] = padded[i, :, dy : dy + h, dx : dx + w]
+    return out
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _check_model(name: str) -> None:
+    from deployq.models import MODELS
+
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def _model_args(cfg: TrainConfig, data: _Data) -> dict[str, Any]:
+    _check_model(cfg.model)
+    return {
+        "num_classes": len(data.class_names),
+        "in_channels": data.preprocessing.channels,
+        "input_size": data.preprocessing.size,
+        "width": cfg.width,
+    }
+
+
+def load_pretrained(model: nn.Module, path: str, name: str) -> None:
+    """Load a plain float state_dict (as torch.save(model.state_dict())) strictly."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"pretrained file {path!r} does not exist")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises anything on garbage
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"pretrained file {path!r} is not a loadable state_dict ({first[:160]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"pretrained file {path!r} is not a plain state_dict of tensors")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"pretrained state_dict {path!r} does not fit model {name!r} ({first[:200]})") from None
+
+
+# --------------------------------------------------------------------------- sandwich
+
+
+def choose_subnets(net, rng: random.Random, cfg: TrainConfig) -> list:
+    """[highest, random, lowest] SubnetSpecs of one step (identical on every rank)."""
+    space = net.space
+    form_h = rng.choice(space.forms)
+    per_tensor = [f for f in space.forms if not f.weight_per_channel]
+    if per_tensor and rng.random() < cfg.lowest_per_tensor:
+        form_l = rng.choice(per_tensor)
+    else:
+        form_l = rng.choice(space.forms)
+    return [net.highest(form_h), net.sample(rng), net.lowest(form_l)]
+
+
+def single_subnet(space: ElasticSpace) -> bool:
+    """A space with one subnet only (dedicated QAT): the sandwich degenerates to one pass."""
+    return len(space.wbits) == 1 and len(space.abits) == 1 and len(space.forms) == 1
+
+
+def wdr_weights(net) -> list[torch.Tensor]:
+    from deployq.elastic import ElasticAdd
+
+    ws = [m.weight for _, m in net.layers() if not isinstance(m, ElasticAdd)]
+    return ws[1:]  # the first layer is excluded (EQ-Net)
+
+
+@contextlib.contextmanager
+def _capture_activations(net, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """Collect the inputs of every activation quantizer during a forward (for grad-l1 on
+    activations)."""
+    from deployq.elastic import ActQuantizer
+
+    acts: list[torch.Tensor] = []
+    if not enabled:
+        yield acts
+        return
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args: acts.append(args[0]))
+        for m in net.modules()
+        if isinstance(m, ActQuantizer)
+    ]
+    try:
+        yield acts
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def sandwich_step(
+    net,
+    forward,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    specs: list,
+    cfg: TrainConfig,
+    grad_l1_on: bool = False,
+    no_sync=None,
+) -> float:
+    """Accumulate the gradients of one GPG step (no optimizer step). `forward` is the
+    DDP module (or the net); `no_sync` its no_sync context for all passes but the last.
+    Returns the summed loss."""
+    total = 0.0
+    teacher = None
+    last = len(specs) - 1
+    for i, spec in enumerate(specs):
+        net.set_active(spec)
+        ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
+        with ctx:
+            capture = grad_l1_on and i == 0 and cfg.grad_l1_a > 0
+            with _capture_activations(net, capture) as acts:
+                logits = forward(x)
+            if cfg.gpg and teacher is not None:
+                from deployq.losses import gpg_loss
+
+                loss = gpg_loss(logits, y, teacher)
+            else:
+                loss = F.cross_entropy(logits, y)
+            if i == 0 and grad_l1_on:
+                from deployq.losses import grad_l1
+
+                ws = [m.weight for m in _weighted(net)]
+                loss = loss + grad_l1(loss, ws, cfg.grad_l1_w) + grad_l1(loss, acts, cfg.grad_l1_a)
+            if i == 0 and cfg.wdr:
+                from deployq.losses import wdr_loss
+
+                ws = wdr_weights(net)
+                if ws:
+                    loss = loss + wdr_loss(ws)
+            loss.backward()
+        total += float(loss.detach())
+        teacher = logits.detach()
+    return total
+
+
+def _weighted(net) -> list[nn.Module]:
+    from deployq.elastic import ElasticAdd
+
+    return [m for _, m in net.layers() if not isinstance(m, ElasticAdd)]
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class _Printer:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int):
+    """A rich progress bar (loss, img/s); a no-op callable when disabled."""
+    if enabled:
+        from rich.console import Console
+
+        enabled = Console(stderr=True).is_terminal  # no bar (nor blank lines) in logs
+    if not enabled:
+        yield lambda **kw: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[ips]:.0f} img/s"),
+        TimeRemainingColumn(),
+        transient=True,
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(description, total=total, loss=float("nan"), ips=0.0)
+
+        def update(loss: float, ips: float) -> None:
+            bar.update(task, advance=1, loss=loss, ips=ips)
+
+        yield update
+
+
+def _step_rng(cfg: TrainConfig, epoch: int, step: int) -> random.Random:
+    return random.Random(f"deployq-{cfg.seed}-{epoch}-{step}")
+
+
+def _to_batch(ds, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(ds.x[idx]).to(device), torch.from_numpy(ds.y[idx]).to(device)
+
+
+def warmup_fp32(model: nn.Module, data: _Data, cfg: TrainConfig, d: _Dist, say, progress: bool) -> float:
+    """Plain FP32 training with batch-norm alive; returns the held-out top-1."""
+    from deployq.evaluate import evaluate
+
+    model.to(d.device).train()
+    wrapped = model
+    if d.active:
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.warmup_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = cfg.warmup_epochs * len(_epoch_batches(len(data.fit), cfg.batch_size, 0, cfg.seed, d))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    shift = data.preprocessing.size // 8 if cfg.augment else 0
+    acc = float("nan")
+    for epoch in range(cfg.warmup_epochs):
+        batches = _epoch_batches(len(data.fit), cfg.batch_size, epoch, cfg.seed + 7919, d)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + d.rank + 5)
+        t0, seen, total = time.perf_counter(), 0, 0.0
+        with _progress(progress and d.main, f"fp32 {epoch + 1}/{cfg.warmup_epochs}", len(batches)) as tick:
+            for idx in batches:
+                x, y = _to_batch(data.fit, idx, d.device)
+                x = random_shift(x, shift, gen)
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(wrapped(x), y)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seen += len(idx) * d.world
+                total += float(loss.detach())
+                tick(loss=float(loss.detach()), ips=seen / (time.perf_counter() - t0))
+        if d.main and (epoch + 1 == cfg.warmup_epochs or (epoch + 1) % 5 == 0):
+            acc = evaluate(model, data.held, None)
+            say(
+                f"fp32 epoch {epoch + 1}/{cfg.warmup_epochs}  loss {total / max(len(batches), 1):.4f}  "
+                f"{seen / (time.perf_counter() - t0):.0f} img/s  held-out top-1 {100 * acc:.2f}%"
+            )
+    _broadcast_state(model, d)
+    model.eval()
+    return acc
+
+
+def _calibration_batches(data: _Data, cfg: TrainConfig, device) -> list[torch.Tensor]:
+    rng = np.random.default_rng(cfg.seed)
+    n = len(data.fit)
+    idx = rng.permutation(n)[: min(n, cfg.batch_size * max(cfg.calib_batches, 1))]
+    bs = min(cfg.batch_size, len(idx))
+    return [torch.from_numpy(data.fit.x[idx[i : i + bs]]).to(device) for i in range(0, len(idx), bs)]
+
+
+def _holdout_metrics(net, held) -> dict[str, float]:
+    from deployq.evaluate import evaluate
+
+    space = net.space
+    ref = REFERENCE_FORM if REFERENCE_FORM in space.forms else space.forms[0]
+    out = {
+        "highest": evaluate(net, held, net.highest(ref)),
+        "lowest": evaluate(net, held, net.lowest(ref)),
+    }
+    pt = PER_TENSOR_REFERENCE if PER_TENSOR_REFERENCE in space.forms else None
+    if pt is not None:
+        out["lowest_per_tensor"] = evaluate(net, held, net.lowest(pt))
+    return out
+
+
+def _final_metrics(net, cfg: TrainConfig, data: _Data) -> dict[str, Any]:
+    """Cheap end-of-training table on the val split: FP32 and every uniform subnet for the
+    weight forms with asymmetric activations (reporting only; nothing is selected on it)."""
+    from deployq.data import load_data
+    from deployq.evaluate import evaluate, uniform_table
+
+    try:
+        val = load_data(cfg.data, data.preprocessing, split="val")
+    except UserError:
+        return {}
+    if tuple(val.class_names) != data.class_names:
+        return {}
+    forms = [f for f in net.space.forms if not f.act_symmetric] or list(net.space.forms)
+    bits = sorted(set(net.space.wbits) & set(net.space.abits))
+    return {
+        "val_fp32_folded": evaluate(net, val, None),
+        "val_uniform": {k: {str(b): v for b, v in row.items()} for k, row in uniform_table(net, val, forms, bits).items()},
+    }
+
+
+def _meta(cfg: TrainConfig, data: _Data, model_args, epoch: int, metrics: dict):
+    from deployq.checkpoint import CheckpointMeta
+
+    return CheckpointMeta(
+        model=cfg.model,
+        model_args=model_args,
+        space=cfg.space,
+        preprocessing=data.preprocessing.to_dict(),
+        class_names=data.class_names,
+        train_config=cfg.to_dict(),
+        metrics=metrics,
+        epoch=epoch,
+        calibrated=True,
+    )
+
+
+def _resume_config(cfg: TrainConfig, say) -> tuple[TrainConfig, Any] | None:
+    """The stored config and checkpoint to resume from, or None to start fresh."""
+    from deployq.checkpoint import load_checkpoint
+
+    if not cfg.resume or not Path(cfg.out).exists():
+        if cfg.resume:
+            say(f"nothing to resume at {cfg.out}: starting from scratch")
+        return None
+    ckpt = load_checkpoint(cfg.out)
+    if ckpt.extra.get("stage") != "supernet":
+        raise UserError(f"{cfg.out!r} was not written by `deployq train`: nothing to resume")
+    stored = TrainConfig.from_dict(ckpt.meta.train_config)
+    keep = {"out": cfg.out, "resume": True, "final_eval": cfg.final_eval, "threads": cfg.threads}
+    ignored = [
+        f.name
+        for f in fields(TrainConfig)
+        if f.name not in keep and getattr(stored, f.name) != getattr(cfg, f.name)
+        and getattr(cfg, f.name) != getattr(TrainConfig(), f.name)
+    ]
+    if ignored:
+        say(f"resuming with the checkpoint's settings; ignoring {', '.join(ignored)}")
+    return replace(stored, **keep), ckpt
+
+
+def train(config: TrainConfig, progress: bool = True):
+    """Train (or resume) a supernet; returns the final deployq.checkpoint.Checkpoint."""
+    from deployq.checkpoint import Checkpoint, save_checkpoint
+    from deployq.elastic import convert
+    from deployq.models import build_model
+
+    check_writable(config.out)  # before any work
+    _check_model(config.model)
+    d = _init_distributed()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    say = _Printer(progress and d.main)
+    resumed = _resume_config(config, say)
+    cfg = resumed[0] if resumed else config
+    torch.manual_seed(cfg.seed)
+    data = _load_data(cfg)
+    model_args = _model_args(cfg, data)
+    space = cfg.space
+
+    metrics: dict[str, Any] = {"epochs": []}
+    start_epoch = 0
+    extra: dict[str, Any] = {}
+    if resumed:
+        ckpt = resumed[1]
+        net = ckpt.net.to(d.device)
+        metrics = dict(ckpt.meta.metrics) or metrics
+        metrics.setdefault("epochs", [])
+        start_epoch = int(ckpt.extra.get("epoch", 0))
+        extra = ckpt.extra
+        say(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}")
+    else:
+        model = build_model(cfg.model, **model_args)
+        if cfg.pretrained:
+            load_pretrained(model, cfg.pretrained, cfg.model)
+            say(f"loaded pretrained FP32 weights from {cfg.pretrained}")
+        elif cfg.warmup_epochs > 0:
+            acc = warmup_fp32(model, data, cfg, d, say, progress)
+            metrics["fp32_holdout_top1"] = acc
+        model.eval()
+        net = convert(model, space).to(d.device)
+        net.calibrate(_calibration_batches(data, cfg, d.device))
+        _broadcast_state(net, d)
+        if d.main:
+            metrics["folded_holdout_top1"] = _evaluate_float(net, data.held)
+            save_checkpoint(cfg.out, net, _meta(cfg, data, model_args, 0, metrics), {"stage": "supernet", "epoch": 0})
+        _barrier(d)
+
+    weights = net.weight_parameters()
+    quant = net.quant_parameters()
+    opt = torch.optim.Adam(
+        [{"params": weights, "lr": cfg.lr_weights}, {"params": quant, "lr": cfg.lr_quant}],
+    )
+    steps_per_epoch = len(_epoch_batches(len(data.fit), cfg.batch_size, 0, cfg.seed, d))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.epochs * steps_per_epoch, 1))
+    if "optimizer" in extra:
+        opt.load_state_dict(extra["optimizer"])
+        sched.load_state_dict(extra["scheduler"])
+
+    forward = net
+    no_sync = None
+    if d.active:
+        forward = _ddp(net)
+        no_sync = forward.no_sync
+
+    single = single_subnet(space)
+    shift = data.preprocessing.size // 8 if cfg.augment else 0
+    all_params = [p for p in net.parameters()]
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        batches = _epoch_batches(len(data.fit), cfg.batch_size, epoch, cfg.seed, d)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + d.rank)
+        gl1 = (cfg.grad_l1_w > 0 or cfg.grad_l1_a > 0) and (
+            cfg.grad_l1_last == 0 or epoch >= cfg.epochs - cfg.grad_l1_last
+        )
+        t0, seen, total = time.perf_counter(), 0, 0.0
+        with _progress(progress and d.main, f"epoch {epoch + 1}/{cfg.epochs}", len(batches)) as tick:
+            for step, idx in enumerate(batches):
+                x, y = _to_batch(data.fit, idx, d.device)
+                x = random_shift(x, shift, gen)
+                rng = _step_rng(cfg, epoch, step)
+                specs = [net.highest(space.forms[0])] if single else choose_subnets(net, rng, cfg)
+                opt.zero_grad(set_to_none=True)
+                if gl1 and d.active:
+                    # DDP's reducer cannot follow a double backward: sync by hand.
+                    with forward.no_sync():
+                        loss = sandwich_step(net, forward, x, y, specs, cfg, gl1)
+                    _allreduce_grads(all_params, d)
+                else:
+                    loss = sandwich_step(net, forward, x, y, specs, cfg, gl1, no_sync)
+                torch.nn.utils.clip_grad_value_(all_params, CLIP_VALUE)
+                opt.step()
+                sched.step()
+                seen += len(idx) * d.world
+                total += loss
+                tick(loss=loss, ips=seen / (time.perf_counter() - t0))
+        elapsed = time.perf_counter() - t0
+        net.set_active(None)
+        if d.main:
+            held = _holdout_metrics(net, data.held)
+            row = {
+                "epoch": epoch + 1,
+                "loss": total / max(len(batches), 1),
+                "img_per_s": seen / elapsed if elapsed > 0 else 0.0,
+                "holdout_top1": held,
+            }
+            metrics["epochs"] = [*metrics["epochs"], row]
+            say(_epoch_line(row, cfg.epochs, space))
+            save_checkpoint(
+                cfg.out,
+                net,
+                _meta(cfg, data, model_args, epoch + 1, metrics),
+                {"stage": "supernet", "epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            )
+        _barrier(d)
+
+    net.set_active(None)
+    net.eval()
+    if d.main and cfg.final_eval and "val_uniform" not in metrics:
+        metrics.update(_final_metrics(net, cfg, data))
+        save_checkpoint(
+            cfg.out,
+            net,
+            _meta(cfg, data, model_args, cfg.epochs, metrics),
+            {"stage": "supernet", "epoch": cfg.epochs, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+        )
+        _print_final(say, metrics)
+    _barrier(d)
+    return Checkpoint(net=net, meta=_meta(cfg, data, model_args, cfg.epochs, metrics), path=Path(cfg.out))
+
+
+def _evaluate_float(net, held) -> float:
+    from deployq.evaluate import evaluate
+
+    return evaluate(net, held, None)
+
+
+def _epoch_line(row: dict, epochs: int, space: ElasticSpace) -> str:
+    h = row["holdout_top1"]
+    hi, lo = max(space.wbits), min(space.wbits)
+    ahi, alo = max(space.abits), min(space.abits)
+    parts = [
+        f"epoch {row['epoch']}/{epochs}",
+        f"loss {row['loss']:.4f}",
+        f"{row['img_per_s']:.0f} img/s",
+        f"held-out top-1 w{hi}a{ahi} {100 * h['highest']:.2f}%",
+        f"w{lo}a{alo} {100 * h['lowest']:.2f}%",
+    ]
+    if "lowest_per_tensor" in h:
+        parts.append(f"w{lo}a{alo} per-tensor {100 * h['lowest_per_tensor']:.2f}%")
+    return "  ".join(parts)
+
+
+def _print_final(say, metrics: dict) -> None:
+    table = metrics.get("val_uniform")
+    if not table:
+        return
+    bits = sorted({int(b) for row in table.values() for b in row})
+    say(f"val top-1 (folded float {100 * metrics.get('val_fp32_folded', math.nan):.2f}%), uniform subnets, asym activations:")
+    say("  form            " + "".join(f"{f'w{b}a{b}':>8}" for b in bits))
+    for key, row in table.items():
+        say(f"  {key:<16}" + "".join(f"{100 * row[str(b)]:>7.2f}%" for b in bits))
+
+
+__all__ = ["TrainConfig", "choose_subnets", "load_pretrained", "random_shift", "sandwich_step", "train"]
+
+
+def _json_default(o):  # pragma: no cover - debugging aid
+    return str(o)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(TrainConfig().to_dict(), indent=2, default=_json_default))

@@ -1,0 +1,240 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deployq import cli
+from deployq.checkpoint import load_checkpoint, read_payload
+from deployq.models import build_model
+from deployq.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = ["--input-size", "8", "--width", "4", "--warmup-epochs", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> Path:
+    """400 of the real digits as an .npz (8x8 grey): an 80/20 split of its own."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    idx = np.random.default_rng(0).permutation(len(d.target))[:400]
+    path = tmp_path_factory.mktemp("data") / "digits400.npz"
+    np.savez(path, x=(d.images[idx] * 255 / 16).astype(np.uint8), y=d.target[idx].astype(np.int64))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One CLI training run on the built-in digits (8x8, width 4, 1 + 1 epochs)."""
+    out = tmp_path_factory.mktemp("train") / "ckpt.pt"
+    code = cli.main(["train", "--data", "digits", "--epochs", "1", "--out", str(out), *TINY,
+                     "--width", "8", "--warmup-epochs", "3", "--warmup-lr", "0.2"])
+    assert code == 0
+    return out
+
+
+def test_cli_train_writes_a_loadable_checkpoint_with_metrics(trained):
+    payload = torch.load(trained, weights_only=True)
+    assert payload["extra"]["epoch"] == 1
+    assert "param_groups" in payload["extra"]["optimizer"]
+    ckpt = load_checkpoint(trained)
+    meta = ckpt.meta
+    assert meta.model == "resnet20" and meta.model_args["width"] == 8
+    assert meta.preprocessing["size"] == 8 and meta.class_names == tuple(str(i) for i in range(10))
+    assert meta.train_config["epochs"] == 1 and meta.epoch == 1
+    (row,) = meta.metrics["epochs"]
+    assert set(row["holdout_top1"]) >= {"highest", "lowest", "lowest_per_tensor"}
+    assert 0.0 <= row["holdout_top1"]["highest"] <= 1.0 and row["img_per_s"] > 0
+    table = meta.metrics["val_uniform"]
+    assert set(table) == {"pt-asym/a-asym", "pt-sym/a-asym", "pc-asym/a-asym", "pc-sym/a-asym"}
+    assert set(table["pc-sym/a-asym"]) == {str(b) for b in range(2, 9)}
+    # 3 FP32 epochs + 1 supernet epoch already learn the digits at 8 bits (chance: 10%)
+    assert meta.metrics["fp32_holdout_top1"] > 0.5
+    assert table["pc-sym/a-asym"]["8"] > 0.5
+
+
+def test_cli_eval_prints_the_subnet_accuracy(trained, capsys, tmp_path):
+    assert cli.main(["eval", str(trained), "--wbits", "4", "--abits", "4", "--granularity", "per-tensor", "--asymmetric"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "w4a4 per-tensor asym" in out and "/360)" in out
+    ckpt = load_checkpoint(trained)
+    expected = ckpt.meta.metrics["val_uniform"]["pt-asym/a-asym"]["4"]
+    assert f"{100 * expected:.2f}%" in out
+    assert cli.main(["eval", str(trained), "--fp32"]) == 0
+    assert "float" in capsys.readouterr().out
+    spec = ckpt.net.uniform_spec(ckpt.meta.space.forms[0], 3)
+    cfg = tmp_path / "subnet.json"
+    cfg.write_text(spec.to_json())
+    assert cli.main(["eval", str(trained), "--config", str(cfg), "--split", "train"]) == 0
+    assert "/1437)" in capsys.readouterr().out
+    assert cli.main(["eval", str(trained), "--wbits", "8", "--act-symmetric", "--act-signed"]) == 0
+
+
+def _interrupt_after_first_epoch(monkeypatch):
+    import deployq.checkpoint as ck
+
+    real = ck.save_checkpoint
+
+    def save(path, net, meta, extra=None):
+        real(path, net, meta, extra)
+        if meta.epoch == 1:
+            raise KeyboardInterrupt  # a kill right after the epoch-1 checkpoint
+
+    monkeypatch.setattr(ck, "save_checkpoint", save)
+
+
+def test_resume_continues_the_epoch_count_and_matches_an_uninterrupted_run(tiny_npz, tmp_path, monkeypatch):
+    base = TrainConfig(
+        data=str(tiny_npz), input_size=8, width=4, epochs=2, warmup_epochs=1,
+        wbits=(2, 4, 8), abits=(2, 4, 8), final_eval=False, seed=3,
+    )
+    full = tmp_path / "full.pt"
+    ref = train(replace_cfg(base, out=str(full)), progress=False)
+    part = tmp_path / "part.pt"
+    with monkeypatch.context() as m:
+        _interrupt_after_first_epoch(m)
+        with pytest.raises(KeyboardInterrupt):
+            train(replace_cfg(base, out=str(part)), progress=False)
+    assert read_payload(part)["extra"]["epoch"] == 1
+    resumed = train(replace_cfg(base, out=str(part), resume=True), progress=False)
+    ckpt = load_checkpoint(part)
+    assert ckpt.meta.epoch == 2 and [r["epoch"] for r in ckpt.meta.metrics["epochs"]] == [1, 2]
+    a, b = ref.net.state_dict(), resumed.net.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # resuming a finished run trains nothing more
+    again = train(replace_cfg(base, out=str(part), resume=True), progress=False)
+    assert again.meta.epoch == 2
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, **kw)
+
+
+def test_pretrained_state_dict_skips_warmup(tiny_npz, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4)
+    sd = tmp_path / "fp32.pt"
+    torch.save(model.state_dict(), sd)
+    out = tmp_path / "c.pt"
+    cfg = TrainConfig(data=str(tiny_npz), input_size=8, width=4, epochs=1, pretrained=str(sd), out=str(out),
+                      wbits=(4, 8), abits=(4, 8), final_eval=False)
+    ckpt = train(cfg, progress=True)
+    text = capsys.readouterr().out
+    assert "pretrained" in text and "fp32 epoch" not in text and "epoch 1/1" in text
+    assert "fp32_holdout_top1" not in ckpt.meta.metrics
+    assert ckpt.meta.model_args["in_channels"] == 1
+
+
+def test_dedicated_single_subnet_space_and_ablations_train(tiny_npz, tmp_path):
+    from deployq.spec import Form
+
+    for kw in (
+        {"wbits": (2,), "abits": (2,), "forms": (Form(False, True, False),)},
+        {"wbits": (2, 8), "abits": (2, 8), "wdr": False, "gpg": False,
+         "grad_l1_w": 1e-3, "grad_l1_a": 1e-3, "grad_l1_last": 1},
+    ):
+        out = tmp_path / "d.pt"
+        cfg = TrainConfig(data=str(tiny_npz), input_size=8, width=4, epochs=1, warmup_epochs=1, out=str(out),
+                          final_eval=False, **kw)
+        ckpt = train(cfg, progress=False)
+        assert np.isfinite(ckpt.meta.metrics["epochs"][0]["loss"])
+        assert load_checkpoint(out).meta.space == cfg.space
+
+
+def test_ddp_two_processes(tiny_npz, tmp_path):
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "deployq", "train", "--data", str(tiny_npz), "--out", str(out), "--epochs", "1",
+        "--wbits", "2,8", "--abits", "2,8", *TINY,
+    ]
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert sum(line.startswith("epoch 1/1") for line in lines) == 1, r.stdout  # only rank 0 prints
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta.epoch == 1 and len(ckpt.meta.metrics["epochs"]) == 1
+    # each rank saw half of the data per step, the throughput counts both
+    assert ckpt.meta.metrics["epochs"][0]["img_per_s"] > 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _fails(capsys, argv, match: str, out: Path | None = None):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("deployq: error:") and "\n" not in err and "Traceback" not in err
+    assert match in err, err
+    if out is not None:
+        assert not out.exists()
+    return err
+
+
+def _png_tree(root: Path, classes, size=(8, 8), odd=None):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            s = odd if (odd and c == classes[-1] and i == 2) else size
+            Image.fromarray(np.full(s[::-1], 40 * i, dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, trained):
+    out = tmp_path / "o.pt"
+    _fails(capsys, ["train", "--model", "resnet99", "--out", str(out)], "unknown model", out)
+    _fails(capsys, ["train", "--data", str(tmp_path / "nope"), "--out", str(out)], "does not exist", out)
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, ["train", "--data", str(tmp_path / "empty"), "--out", str(out)], "empty", out)
+    _png_tree(tmp_path / "mix" / "train", ["a", "b"])
+    _png_tree(tmp_path / "mix" / "val", ["a", "c"])
+    _fails(capsys, ["train", "--data", str(tmp_path / "mix"), "--out", str(out), *TINY], "differ", out)
+    _png_tree(tmp_path / "sizes", ["a", "b"], odd=(9, 8))
+    _fails(capsys, ["train", "--data", str(tmp_path / "sizes"), "--out", str(out), *TINY], "mixed sizes", out)
+    _fails(capsys, ["train", "--wbits", "9", "--out", str(out)], "2..8", out)
+    _fails(capsys, ["train", "--abits", "1-4", "--out", str(out)], "2..8", out)
+    _fails(capsys, ["train", "--wbits", "two", "--out", str(out)], "range", out)
+    _fails(capsys, ["train", "--out", str(tmp_path / "missing" / "o.pt")], "does not exist")
+    wrong = tmp_path / "wrong.pt"
+    torch.save(build_model("resnet20", num_classes=10, width=8).state_dict(), wrong)
+    _fails(capsys, ["train", "--pretrained", str(wrong), "--out", str(out), *TINY], "does not fit", out)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    _fails(capsys, ["train", "--pretrained", str(garbage), "--out", str(out), *TINY], "not a loadable", out)
+
+
+def test_eval_bad_inputs(capsys, tmp_path, trained):
+    truncated = tmp_path / "t.pt"
+    data = trained.read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    _fails(capsys, ["eval", str(truncated)], "not a loadable deployq checkpoint")
+    foreign = tmp_path / "f.pt"
+    torch.save(build_model("resnet20", num_classes=10).state_dict(), foreign)
+    _fails(capsys, ["eval", str(foreign)], "not a deployq checkpoint")
+    _fails(capsys, ["eval", str(tmp_path / "none.pt")], "does not exist")
+    _fails(capsys, ["eval", str(trained), "--wbits", "9"], "2..8")
+    _fails(capsys, ["eval", str(trained), "--granularity", "per-row"], "granularity")
+    _fails(capsys, ["eval", str(trained), "--config", str(tmp_path / "none.json")], "does not exist")
+    other = tmp_path / "o.json"
+    other.write_text('{"schema": "deployq.SubnetSpec", "version": 1, "layers": {"x": {"weight": null, "act": {"bits": 4}}}}')
+    _fails(capsys, ["eval", str(trained), "--config", str(other)], "does not fit")
+    _png_tree(tmp_path / "three", ["a", "b", "c"])
+    _fails(capsys, ["eval", str(trained), "--data", str(tmp_path / "three"), "--split", "all"], "differ")
