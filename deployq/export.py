@@ -563,6 +563,17 @@ def build_model(
     calibration: np.ndarray | None = None,
 ) -> tuple[onnx.ModelProto, _Lowering | None]:
     """The ONNX graph (not written) and what lowering recorded. Checks first."""
+    threads = torch.get_num_threads()
+    # One intra-op thread: export is many small tensor ops plus one traced forward, and
+    # on a busy 2-core machine torch's thread pool contends (measured 2-4x slower).
+    torch.set_num_threads(1)
+    try:
+        return _build_model(ckpt, profile, spec, fp32=fp32, calibration=calibration)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_model(ckpt, profile, spec, *, fp32, calibration):
     net = ckpt.net
     if fp32:
         opset = profile.opset if profile is not None else 17
