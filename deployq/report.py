@@ -156,7 +156,7 @@ def load_search(path: str | os.PathLike, budget: float | None = None) -> SearchI
             )
     except (KeyError, ValueError) as e:
         raise UserError(f"{csv_path}: not a deployq Pareto CSV ({e})") from None
-    return SearchInputs(spec, cost_col[len("cost_"):], rows, budget, str(path))
+    return SearchInputs(spec, cost_col[len("cost_"):], rows, budget, Path(path).name)
 
 
 @dataclass(frozen=True)
@@ -517,7 +517,7 @@ def checkpoint_facts(path: str | os.PathLike) -> dict:
     except (KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{str(path)!r}: checkpoint metadata unreadable ({e})") from None
     d = meta.to_dict()
-    d["path"] = str(path)
+    d["path"] = Path(path).name  # the report may travel; the name is what identifies it
     d["sha256"] = file_sha256(path)
     return d
 
