@@ -474,7 +474,7 @@ def _finish(model: onnx.ModelProto, opset: int, meta: dict) -> onnx.ModelProto:
 
 # --- the output quantizer (targets whose integer ops cannot produce float outputs) ----
 
-OUTPUT_QUANT_KEY = "deployq.output_quantizer"  # metadata: how the logits were quantized
+OUTPUT_QUANT_KEY = onnx_meta.OUTPUT_QUANTIZER  # metadata: how the logits were quantized
 CALIB_MARGIN = 1.1  # calibrated logit range widened by 10%: top logits must not clip
 
 

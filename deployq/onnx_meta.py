@@ -21,8 +21,10 @@ MODEL = "deployq.model"  # JSON: {"name": ..., "args": {...}}
 PREPROCESSING = "deployq.preprocessing"  # JSON: deployq.data.Preprocessing.to_dict()
 CLASS_NAMES = "deployq.class_names"  # JSON list of str
 EMULATED = "deployq.emulated"  # JSON list of {"tensor", "bits", "container"} emulated in 8-bit
+# JSON: how the logits were quantized for targets that refuse a float output (QNN HTP).
+OUTPUT_QUANTIZER = "deployq.output_quantizer"
 
-JSON_KEYS = (SUBNET, MODEL, PREPROCESSING, CLASS_NAMES, EMULATED)
+JSON_KEYS = (SUBNET, MODEL, PREPROCESSING, CLASS_NAMES, EMULATED, OUTPUT_QUANTIZER)
 
 
 def write(model: onnx.ModelProto, values: Mapping[str, object]) -> None:
