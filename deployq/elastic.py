@@ -93,20 +93,24 @@ class WeightQuantizer(nn.Module):
         return scale, zp
 
     def forward(self, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        return self.quantize_with_scale(w, spec)[0]
+
+    def quantize_with_scale(self, w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fake-quantized w, its scale [C] or [1]): the layer needs the scale for the bias."""
         scale, zp = self.qparams(spec)
         per_scale = w.numel() // scale.numel()
         g = lsq_grad_factor(spec.qmax, per_scale)
         zp = None if spec.symmetric else channel_view(zp, w.ndim, 0)  # None: skip all z work
-        return fake_quant(w, channel_view(scale, w.ndim, 0), zp, spec.qmin, spec.qmax, g)
+        return fake_quant(w, channel_view(scale, w.ndim, 0), zp, spec.qmin, spec.qmax, g), scale
 
     @torch.no_grad()
-    def calibrate(self, w: torch.Tensor, forms: Iterable[tuple[bool, bool]]) -> None:
+    def calibrate(self, w: torch.Tensor, forms: Iterable[tuple[bool, bool]], method: str = "search") -> None:
         from deployq.spec import weight_spec
 
         for per_channel, symmetric in forms:
             for i, b in enumerate(self.bits):
                 spec = weight_spec(b, per_channel, symmetric)
-                s, z = init_qparams(w, spec, axis=0 if per_channel else None)
+                s, z = init_qparams(w, spec, axis=0 if per_channel else None, method=method)
                 cell = weight_cell(spec)
                 self.scale[cell][i].copy_(s.reshape(self.scale[cell][i].shape))
                 if cell in self.zero_point:
@@ -147,29 +151,32 @@ class ActQuantizer(nn.Module):
         return scale, zp
 
     def forward(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        return self.quantize_with_scale(x, spec)[0]
+
+    def quantize_with_scale(self, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         if self._record is not None:
             self._record.append(_subsample(x))
         scale, zp = self.qparams(spec)
         g = lsq_grad_factor(spec.qmax, x.numel())
-        return fake_quant(x, scale, None if spec.symmetric else zp, spec.qmin, spec.qmax, g)
+        return fake_quant(x, scale, None if spec.symmetric else zp, spec.qmin, spec.qmax, g), scale
 
     @torch.no_grad()
-    def calibrate(self, x: torch.Tensor) -> None:
+    def calibrate(self, x: torch.Tensor, method: str = "search") -> None:
         from deployq.spec import act_spec
 
         signed = bool((x < 0).any())
         self.signed_input.fill_(signed)
         self.calibrated.fill_(True)
         for i, b in enumerate(self.bits):
-            for kind, spec in (
-                ("asym", act_spec(b, symmetric=False, signed=False)),
-                ("sym_u", act_spec(b, symmetric=True, signed=False)),
-                ("sym_s", act_spec(b, symmetric=True, signed=True)),
-            ):
-                s, z = init_qparams(x, spec)
-                self.scale[kind][i].copy_(s.reshape(1))
-                if kind == "asym":
-                    self.zero_point[i].copy_(z.reshape(1))
+            s, z = init_qparams(x, act_spec(b, symmetric=False, signed=False), method=method)
+            self.scale["asym"][i].copy_(s.reshape(1))
+            self.zero_point[i].copy_(z.reshape(1))
+            # Non-negative input: the asymmetric search clamps its range at 0 and so is the
+            # symmetric unsigned one (zero-point 0). Signed input: the symmetric unsigned grid
+            # is never used (check_spec refuses it), keep the same values as a placeholder.
+            self.scale["sym_u"][i].copy_(s.reshape(1))
+            s, _ = init_qparams(x, act_spec(b, symmetric=True, signed=True), method=method)
+            self.scale["sym_s"][i].copy_(s.reshape(1))
 
 
 def _with_fixed(bits: tuple[int, ...], space: ElasticSpace) -> tuple[int, ...]:
@@ -214,10 +221,8 @@ class _ElasticWeighted(nn.Module):
         spec = self.active
         if spec is None:
             return self._op(x, self.weight, self.bias)
-        xq = self.aq(x, spec.act)
-        wq = self.wq(self.weight, spec.weight)
-        s_a, _ = self.aq.qparams(spec.act)
-        s_w, _ = self.wq.qparams(spec.weight)
+        xq, s_a = self.aq.quantize_with_scale(x, spec.act)
+        wq, s_w = self.wq.quantize_with_scale(self.weight, spec.weight)
         return self._op(xq, wq, _int32_bias(self.bias, s_a * s_w))
 
     @torch.no_grad()
@@ -334,16 +339,28 @@ class ElasticNet(nn.Module):
         return self.gm(x)
 
     # --- structure -------------------------------------------------------
+    def _layer_map(self) -> dict[str, nn.Module]:
+        # Cached: get_submodule walks the dotted path through nn.Module.__getattr__, and the
+        # spec builders ask for every layer several times per training step. (A deepcopy
+        # copies the cache consistently with the modules it points to.)
+        cache = self.__dict__.get("_layer_cache")
+        if cache is None:
+            cache = {n: self.gm.get_submodule(n) for n in self.layer_names}
+            self.__dict__["_layer_cache"] = cache
+            self.__dict__["_weightless"] = tuple(n for n, m in cache.items() if isinstance(m, ElasticAdd))
+        return cache
+
     def layer(self, name: str) -> nn.Module:
-        return self.gm.get_submodule(name)
+        m = self._layer_map().get(name)
+        return m if m is not None else self.gm.get_submodule(name)
 
     def layers(self) -> Iterator[tuple[str, nn.Module]]:
-        for n in self.layer_names:
-            yield n, self.layer(n)
+        yield from self._layer_map().items()
 
     @property
     def weightless(self) -> tuple[str, ...]:
-        return tuple(n for n, m in self.layers() if isinstance(m, ElasticAdd))
+        self._layer_map()
+        return self.__dict__["_weightless"]
 
     def input_signed(self, name: str) -> bool:
         m = self.layer(name)
@@ -429,9 +446,10 @@ class ElasticNet(nn.Module):
 
     # --- calibration -----------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+    def calibrate(self, batches: Iterable[torch.Tensor], method: str = "search") -> None:
         """One pass over calibration data: initialise every cell of every quantizer
-        (clipping-range search), and record which activations are signed."""
+        (clipping-range search; method="minmax": plain min/max ranges, the PTQ
+        baseline), and record which activations are signed."""
         was_training = self.training
         self.eval()
         self.set_active(None)
@@ -452,11 +470,11 @@ class ElasticNet(nn.Module):
                 h.remove()
         for q in act_qs:
             if records[id(q)]:
-                q.calibrate(torch.cat(records[id(q)]))
+                q.calibrate(torch.cat(records[id(q)]), method)
         wforms = {(f.weight_per_channel, f.weight_symmetric) for f in self.space.forms}
         for _, m in self.layers():
             if not isinstance(m, ElasticAdd):
-                m.wq.calibrate(m.weight, sorted(wforms))
+                m.wq.calibrate(m.weight, sorted(wforms), method)
         self.train(was_training)
 
     # --- deployment ------------------------------------------------------

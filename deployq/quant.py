@@ -105,36 +105,37 @@ class _FakeQuant(torch.autograd.Function):
             z = zr.clamp(qmin, qmax)
             t.add_(z)
         q = t.clamp(qmin, qmax)
-        outside = q != t
-        del t
+        # The clamp mask as float 0/1 made of float ops only: t and q are integer-valued,
+        # so |t - q| >= 1 exactly where clamped. (Comparisons producing bool tensors are
+        # ~30x slower than float ops on this CPU build.)
+        inside = t.sub_(q).abs_().clamp_(max=1.0).neg_().add_(1.0)
         qz = q.sub_(z) if zero_point is not None else q
         out = qz * scale
         needs_s = ctx.needs_input_grad[1]
         needs_z = zero_point is not None and ctx.needs_input_grad[2]
         if needs_s:
-            v.masked_fill_(outside, 0.0)  # only inside elements carry the -x/s term
-            ctx.save_for_backward(outside, qz, v, scale)
+            ctx.save_for_backward(inside, qz, v, scale)
         else:
-            ctx.save_for_backward(outside, None, None, scale)
+            ctx.save_for_backward(inside, None, None, scale)
         ctx.zmask = ((zr >= qmin) & (zr <= qmax)) if needs_z else None
         ctx.grad_factor = grad_factor
         return out
 
     @staticmethod
     def backward(ctx, g):
-        outside, qz, v_in, scale = ctx.saved_tensors
+        inside, qz, v, scale = ctx.saved_tensors
         gx = gs = gz = None
-        need_x = ctx.needs_input_grad[0]
-        gin = g.masked_fill(outside, 0.0) if (need_x or ctx.zmask is not None) else None
+        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # g restricted to the unclamped elements: x's gradient, and the -x/s term of s's
+        gin = g * inside if (need_x or need_s or ctx.zmask is not None) else None
         if need_x:
             gx = gin
-        if ctx.needs_input_grad[1]:
+        if need_s:
             if scale.numel() == 1:
-                gflat = g.reshape(-1)
-                gs = torch.dot(gflat, qz.reshape(-1)) - torch.dot(gflat, v_in.reshape(-1))
+                gs = torch.dot(g.reshape(-1), qz.reshape(-1)) - torch.dot(gin.reshape(-1), v.reshape(-1))
                 gs = gs.reshape(scale.shape)
             else:
-                gs = (g * (qz - v_in)).sum_to_size(scale.shape)
+                gs = (g * qz - gin * v).sum_to_size(scale.shape)
             gs = gs * ctx.grad_factor
         if ctx.zmask is not None:
             if scale.numel() == 1:
@@ -211,8 +212,11 @@ def _candidate_errors(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, sp
     return torch.cat(errs), torch.cat(scales), torch.cat(zps)
 
 
+CALIB_METHODS = ("search", "minmax")
+
+
 @torch.no_grad()
-def init_qparams(x: torch.Tensor, spec: QuantSpec, axis: int | None = None):
+def init_qparams(x: torch.Tensor, spec: QuantSpec, axis: int | None = None, method: str = "search"):
     """Search the clipping range (shrinking min/max in 1% steps) that minimises
     mean |x - Q(x)|^2.4, per channel along `axis` if given. Returns (scale, zp)
     shaped [C] (per-channel) or [] (per-tensor), float32.
@@ -220,7 +224,10 @@ def init_qparams(x: torch.Tensor, spec: QuantSpec, axis: int | None = None):
     The 1% grid is searched coarse to fine (every 5th candidate, then the 1% steps
     around the best), vectorised over candidates: calibration initialises ~20 cells of
     ~40 quantizers, and the exhaustive loop took half a minute on a small ResNet.
-    Min/max come from the whole tensor; the error is measured on a subsample."""
+    Min/max come from the whole tensor; the error is measured on a subsample.
+    method="minmax" skips the search: the plain min/max range (the PTQ baseline)."""
+    if method not in CALIB_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {CALIB_METHODS}")
     x = x.detach().float()
     if axis is None:
         full = x.reshape(1, -1)
@@ -233,6 +240,9 @@ def init_qparams(x: torch.Tensor, spec: QuantSpec, axis: int | None = None):
         flat = x.transpose(0, axis).reshape(x.shape[axis], -1)
         lo0, hi0 = flat.min(dim=1).values, flat.max(dim=1).values
     channels = flat.shape[0]
+    if method == "minmax":
+        s, z = _candidate_qparams(lo0, hi0, spec)
+        return (s[0].clone(), z[0].clone()) if axis is None else (s, z)
     grid = torch.linspace(1.0, 1.0 / CALIB_STEPS, CALIB_STEPS)  # alpha per grid index
     coarse = torch.arange(0, CALIB_STEPS, CALIB_COARSE)
     a = grid[coarse][:, None].expand(-1, channels)

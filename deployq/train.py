@@ -53,7 +53,8 @@ class TrainConfig:
     epochs: int = 10  # supernet epochs (after the warm-up)
     batch_size: int = 64
     lr_weights: float = 2e-5  # Adam; higher knocks the BN-folded weights out of their minimum
-    lr_quant: float = 2e-3  # Adam; step sizes / zero-points
+    lr_quant: float = 5e-3  # relative Adam step of the step sizes (fraction of their value)
+    lr_zero_point: float = 1e-2  # Adam step of the zero-points, in integer levels
     warmup_epochs: int = 20  # FP32 epochs when no pretrained state_dict is given
     warmup_lr: float = 0.05  # SGD (momentum 0.9, nesterov), cosine to 0
     input_size: int | None = None  # None: the data's default (digits: 16)
@@ -93,7 +94,7 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be >= 1; got {self.batch_size}")
-        for name in ("lr_weights", "lr_quant", "warmup_lr", "grad_l1_w", "grad_l1_a"):
+        for name in ("lr_weights", "lr_quant", "lr_zero_point", "warmup_lr", "grad_l1_w", "grad_l1_a"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 < self.holdout < 1.0:
@@ -296,6 +297,80 @@ def load_pretrained(model: nn.Module, path: str, name: str) -> None:
         raise UserError(f"pretrained state_dict {path!r} does not fit model {name!r} ({first[:200]})") from None
 
 
+# --------------------------------------------------------------------------- optimizer
+
+
+class ElasticAdam(torch.optim.Optimizer):
+    """Adam whose update is, in groups with relative=True, multiplied by each element's
+    magnitude when first trained (its calibrated value).
+
+    Adam makes the absolute step ~lr whatever the gradient's size, so one learning rate
+    cannot suit step sizes that span 1e-3 (8-bit) to 1 (2-bit): one that moves the 2-bit
+    cells knocks the 8-bit ones off their grid. Relative steps treat every cell alike,
+    without storing logarithms (which made 2-bit per-tensor far worse in the prototype)."""
+
+    def __init__(self, groups, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(groups, {"lr": 1e-3, "betas": betas, "eps": eps, "relative": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002 - the sandwich never needs a closure
+        # foreach ops over the parameters that have a gradient this step: a sandwich step
+        # touches ~150 small tensors, and per-tensor Python loops cost more than the math.
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, rel = group["lr"], group["eps"], group["relative"]
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            grads, ms, vs, refs, bc1, bc2 = [], [], [], [], [], []
+            for p in ps:
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                    if rel:
+                        st["ref"] = p.detach().abs().clamp(min=1e-8)
+                st["step"] += 1
+                grads.append(p.grad)
+                ms.append(st["exp_avg"])
+                vs.append(st["exp_avg_sq"])
+                if rel:
+                    refs.append(st["ref"])
+                bc1.append(1 - b1 ** st["step"])
+                bc2.append(1 - b2 ** st["step"])
+            torch._foreach_lerp_(ms, grads, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1 - b2)
+            denom = torch._foreach_div(vs, bc2)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            upd = torch._foreach_div(ms, bc1)
+            torch._foreach_div_(upd, denom)
+            if rel:
+                torch._foreach_mul_(upd, refs)
+            torch._foreach_add_(ps, upd, alpha=-lr)
+
+
+def make_optimizer(net, cfg: TrainConfig) -> ElasticAdam:
+    """Three groups: the BN-folded weights (small absolute lr: they start at their FP32
+    minimum), step sizes (relative lr), zero-points (absolute, in integer levels)."""
+    weights = net.weight_parameters()
+    ids = {id(p) for p in weights}
+    scales, zps = [], []
+    for name, p in net.named_parameters():
+        if id(p) in ids:
+            continue
+        (zps if ".zero_point." in f".{name}." else scales).append(p)
+    return ElasticAdam(
+        [
+            {"params": weights, "lr": cfg.lr_weights},
+            {"params": scales, "lr": cfg.lr_quant, "relative": True},
+            {"params": zps, "lr": cfg.lr_zero_point},
+        ]
+    )
+
+
 # --------------------------------------------------------------------------- sandwich
 
 
@@ -325,19 +400,13 @@ def wdr_weights(net) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def _capture_activations(net, enabled: bool) -> Iterator[list[torch.Tensor]]:
-    """Collect the inputs of every activation quantizer during a forward (for grad-l1 on
-    activations)."""
-    from deployq.elastic import ActQuantizer
-
+    """Collect the tensors every activation quantizer sees during a forward (the inputs
+    of the elastic layers; both inputs of a residual add), for grad-l1 on activations."""
     acts: list[torch.Tensor] = []
     if not enabled:
         yield acts
         return
-    hooks = [
-        m.register_forward_pre_hook(lambda _m, args: acts.append(args[0]))
-        for m in net.modules()
-        if isinstance(m, ActQuantizer)
-    ]
+    hooks = [m.register_forward_pre_hook(lambda _m, args: acts.extend(args)) for _, m in net.layers()]
     try:
         yield acts
     finally:
@@ -623,11 +692,7 @@ def train(config: TrainConfig, progress: bool = True):
             save_checkpoint(cfg.out, net, _meta(cfg, data, model_args, 0, metrics), {"stage": "supernet", "epoch": 0})
         _barrier(d)
 
-    weights = net.weight_parameters()
-    quant = net.quant_parameters()
-    opt = torch.optim.Adam(
-        [{"params": weights, "lr": cfg.lr_weights}, {"params": quant, "lr": cfg.lr_quant}],
-    )
+    opt = make_optimizer(net, cfg)
     steps_per_epoch = len(_epoch_batches(len(data.fit), cfg.batch_size, 0, cfg.seed, d))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.epochs * steps_per_epoch, 1))
     if "optimizer" in extra:

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(10, help="Supernet epochs (after the FP32 warm-up)."),
         batch_size: int = typer.Option(64, help="Batch size per process."),
         lr: float = typer.Option(2e-5, help="Adam learning rate of the (BN-folded) weights."),
-        lr_quant: float = typer.Option(2e-3, help="Adam learning rate of step sizes and zero-points."),
+        lr_quant: float = typer.Option(5e-3, help="Relative Adam step of the step sizes (fraction of their value)."),
         input_size: int | None = typer.Option(None, help="Input side in pixels (default: the data's; digits: 16)."),
         width: int | None = typer.Option(None, help="Base width of the model (default: the model's, 16 for resnet20)."),
         wbits: str = typer.Option("2-8", help="Weight bit-widths of the space: range 2-8 or list 2,4,8."),

@@ -1,0 +1,240 @@
+"""Supernet accuracy on digits (issue 2, "What must be shown").
+
+Two settings: 16x16 input with a width-16 ResNet-20, and native 8x8 input with a
+width-8 ResNet-20; the fixed 80/20 split (1,437 train / 360 val; accuracies are on val).
+Per setting one markdown table of val top-1 (%):
+
+- FP32 (the warm-up model, batch-norm alive) — every other row starts from these weights;
+- the supernet: every uniform subnet 2..8 bits for per-tensor/per-channel x sym/asym
+  weights with asymmetric unsigned activations, plus the symmetric signed activation row
+  (TensorRT's form, per-channel symmetric weights);
+- min-max post-training quantization of the FP32 model at the same bits and forms (the same
+  elastic machinery with every cell set from plain min/max ranges);
+- dedicated single-configuration QAT models at 2 and 4 bits (a space of one subnet, same
+  epochs and optimiser as the supernet);
+- the supernet trained without WDR and GPG;
+- the supernet's training step time relative to an FP32 step (same batch, interleaved,
+  median of repeats, one thread).
+
+Run:  python benchmarks/supernet_accuracy.py [--epochs N] [--quick]
+Total < 30 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from deployq.data import load_data
+from deployq.elastic import convert
+from deployq.evaluate import evaluate, form_key
+from deployq.models import build_model
+from deployq.spec import ALL_FORMS, ElasticSpace, Form
+from deployq.train import (
+    TrainConfig,
+    _Dist,
+    _load_data,
+    _model_args,
+    _Printer,
+    choose_subnets,
+    sandwich_step,
+    train,
+    warmup_fp32,
+)
+
+BITS = (2, 3, 4, 5, 6, 7, 8)
+WEIGHT_FORMS = [  # (label, form) with asymmetric unsigned activations
+    ("per-tensor sym", Form(False, True, False)),
+    ("per-tensor asym", Form(False, False, False)),
+    ("per-channel sym", Form(True, True, False)),
+    ("per-channel asym", Form(True, False, False)),
+]
+TRT_FORM = Form(True, True, True, True)  # int8 symmetric weights per channel, int8 symmetric activations
+REF_FORM = Form(True, True, False)
+# Targets (points below FP32) by bit-width
+TARGET = {8: 0.5, 7: 0.5, 6: 0.5, 5: 0.5, 4: 0.5, 3: 1.5, 2: 4.0}
+
+
+def uniform_row(net, val, form: Form, bits=BITS) -> dict[int, float]:
+    return {b: 100 * evaluate(net, val, net.uniform_spec(form, b, b)) for b in bits}
+
+
+def fmt_row(label: str, form_label: str, row: dict[int, float], fp32: float | None = None) -> str:
+    cells = []
+    for b in BITS:
+        if b not in row:
+            cells.append("")
+            continue
+        v = row[b]
+        mark = ""
+        if fp32 is not None and fp32 - v > TARGET[b]:
+            mark = " ✗"
+        cells.append(f"{v:.2f}{mark}")
+    return f"| {label} | {form_label} | " + " | ".join(cells) + " |"
+
+
+def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one FP32 training step and one supernet step (same batch of
+    cfg.batch_size), measured interleaved so machine load hits both alike."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch_size, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (cfg.batch_size,), generator=g)
+    fp = build_model("resnet20", num_classes=10, input_size=size, width=cfg.width)
+    fp.load_state_dict(model_fp32.state_dict())
+    fp.train()
+    opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3, momentum=0.9)
+    net.train()
+    params = list(net.parameters())
+    opt_q = torch.optim.Adam(
+        [{"params": net.weight_parameters(), "lr": 0.0}, {"params": net.quant_parameters(), "lr": 0.0}]
+    )
+
+    def fp_step():
+        opt_fp.zero_grad(set_to_none=True)
+        F.cross_entropy(fp(x), y).backward()
+        opt_fp.step()
+
+    def q_step(i):
+        specs = choose_subnets(net, random.Random(i), cfg)
+        opt_q.zero_grad(set_to_none=True)
+        sandwich_step(net, net, x, y, specs, cfg)
+        torch.nn.utils.clip_grad_value_(params, 1.0)
+        opt_q.step()
+
+    for i in range(3):
+        fp_step()
+        q_step(i)
+    tf, tq = [], []
+    for i in range(repeats):
+        t = time.perf_counter()
+        fp_step()
+        tf.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        q_step(100 + i)
+        tq.append(time.perf_counter() - t)
+    net.set_active(None)
+    return statistics.median(tf), statistics.median(tq)
+
+
+def run_setting(title: str, size: int, width: int, args, tmp: Path) -> None:
+    t_start = time.perf_counter()
+    base = TrainConfig(
+        model="resnet20",
+        data="digits",
+        input_size=size,
+        width=width,
+        epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        lr_weights=args.lr,
+        lr_quant=args.lr_quant,
+        final_eval=False,
+        threads=1,
+        seed=args.seed,
+    )
+    say = _Printer(True)
+    data = _load_data(base)
+    val = load_data("digits", data.preprocessing, split="val")
+    torch.manual_seed(base.seed)
+    model = build_model("resnet20", **_model_args(base, data))
+    warmup_fp32(model, data, base, _Dist(), _Printer(args.verbose), False)
+    model.eval()
+    fp32 = 100 * evaluate(model, val, None)
+    fp32_path = tmp / f"fp32-{size}.pt"
+    torch.save(model.state_dict(), fp32_path)
+    say(f"[{title}] FP32 val top-1 {fp32:.2f}% ({time.perf_counter() - t_start:.0f} s)")
+
+    rows: list[str] = []
+    # min-max PTQ (and the calibration search alone, for reference)
+    ptq = convert(model, ElasticSpace())
+    calib = [torch.from_numpy(data.fit.x[i : i + 64]) for i in range(0, 256, 64)]
+    ptq_rows = {}
+    for method in ("minmax", "search"):
+        ptq.calibrate(calib, method=method)
+        ptq_rows[method] = {lab: uniform_row(ptq, val, f) for lab, f in WEIGHT_FORMS}
+
+    def trained(name: str, **kw):
+        t = time.perf_counter()
+        cfg = replace(base, out=str(tmp / f"{name}-{size}.pt"), pretrained=str(fp32_path), **kw)
+        ckpt = train(cfg, progress=args.verbose)
+        last = ckpt.meta.metrics["epochs"][-1]
+        say(f"[{title}] {name}: {time.perf_counter() - t:.0f} s, {last['img_per_s']:.0f} img/s, "
+            f"held-out {last['holdout_top1']}")
+        return ckpt.net
+
+    sup = trained("supernet")
+    sup_rows = {lab: uniform_row(sup, val, f) for lab, f in WEIGHT_FORMS}
+    trt_row = uniform_row(sup, val, TRT_FORM)
+    ded = {}
+    for b, (lab, form) in [(2, WEIGHT_FORMS[2]), (4, WEIGHT_FORMS[2]), (2, WEIGHT_FORMS[1]), (4, WEIGHT_FORMS[1])]:
+        net = trained(f"dedicated-w{b}a{b}-{form_key(form).replace('/', '_')}", wbits=(b,), abits=(b,), forms=(form,))
+        ded[(b, lab)] = 100 * evaluate(net, val, net.uniform_spec(form, b, b))
+    abl = trained("no-wdr-no-gpg", wdr=False, gpg=False)
+    abl_rows = {lab: uniform_row(abl, val, f) for lab, f in WEIGHT_FORMS}
+
+    tf, tq = step_times(model, sup, base, size, args.repeats)
+
+    print()
+    print(f"### {title} — val top-1 (%), digits 360 images; FP32 {fp32:.2f}")
+    print()
+    print("| model | weights / activations | " + " | ".join(f"w{b}a{b}" for b in BITS) + " |")
+    print("|---|---|" + "---|" * len(BITS))
+    print(fmt_row("FP32", "float", {b: fp32 for b in BITS}))
+    for lab, _ in WEIGHT_FORMS:
+        print(fmt_row("supernet", f"{lab} / asym", sup_rows[lab], fp32))
+    print(fmt_row("supernet", "per-channel sym / sym signed (TensorRT)", trt_row, fp32))
+    for lab, _ in WEIGHT_FORMS:
+        print(fmt_row("min-max PTQ", f"{lab} / asym", ptq_rows["minmax"][lab]))
+    for lab, _ in WEIGHT_FORMS:
+        print(fmt_row("PTQ, searched ranges", f"{lab} / asym", ptq_rows["search"][lab]))
+    for lab in dict.fromkeys(lab for _, lab in ded):
+        print(fmt_row("dedicated QAT", f"{lab} / asym", {b: v for (b, l2), v in ded.items() if l2 == lab}))
+    for lab, _ in WEIGHT_FORMS:
+        print(fmt_row("supernet w/o WDR, GPG", f"{lab} / asym", abl_rows[lab], fp32))
+    print()
+    print("✗ = misses the target (4..8 bits within 0.5 points of FP32, 3 bits within 1.5, 2 bits within 4).")
+    worst = {b: min(r[b] for r in [*sup_rows.values(), trt_row]) for b in BITS}
+    met = all(fp32 - worst[b] <= TARGET[b] for b in BITS)
+    print(f"Supernet worst form per bit-width: "
+          + ", ".join(f"w{b}a{b} {worst[b]:.2f}" for b in BITS) + f" -> accuracy targets {'met' if met else 'NOT met'}.")
+    gaps = []
+    for (b, lab), v in ded.items():
+        gaps.append(f"w{b}a{b} {lab}: supernet {sup_rows[lab][b]:.2f} vs dedicated {v:.2f} "
+                    f"({'ok' if sup_rows[lab][b] >= v - 0.5 else 'WORSE by > 0.5'})")
+    print("Supernet vs dedicated: " + "; ".join(gaps) + ".")
+    print(f"Training step, batch {base.batch_size}, 1 thread: FP32 {1000 * tf:.1f} ms, supernet (GPG sandwich, "
+          f"3 subnets) {1000 * tq:.1f} ms = {tq / tf:.2f}x (target <= 3.5x).")
+    print(f"(setting took {time.perf_counter() - t_start:.0f} s; supernet {args.epochs} epochs from the FP32 weights)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    ap.add_argument("--warmup-epochs", type=int, default=TrainConfig.warmup_epochs)
+    ap.add_argument("--warmup-lr", type=float, default=TrainConfig.warmup_lr)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr_weights)
+    ap.add_argument("--lr-quant", type=float, default=TrainConfig.lr_quant)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
+    ap.add_argument("--only", choices=["16", "8"], help="run one setting")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    settings = [("16x16 input, width-16 ResNet-20", 16, 16), ("8x8 input (native), width-8 ResNet-20", 8, 8)]
+    if args.only:
+        settings = [s for s in settings if str(s[1]) == args.only]
+    with tempfile.TemporaryDirectory(prefix="deployq-bench-") as tmp:
+        for title, size, width in settings:
+            run_setting(title, size, width, args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
