@@ -52,8 +52,8 @@ class TrainConfig:
     out: str = "ckpt.pt"
     epochs: int = 10  # supernet epochs (after the warm-up)
     batch_size: int = 64
-    lr_weights: float = 2e-5  # Adam; higher knocks the BN-folded weights out of their minimum
-    lr_quant: float = 5e-3  # relative Adam step of the step sizes (fraction of their value)
+    lr_weights: float = 3e-4  # Adam on the BN-folded weights (1e-3 knocks them out of their minimum)
+    lr_quant: float = 1e-2  # relative Adam step of the step sizes (fraction of their value)
     lr_zero_point: float = 1e-2  # Adam step of the zero-points, in integer levels
     warmup_epochs: int = 20  # FP32 epochs when no pretrained state_dict is given
     warmup_lr: float = 0.05  # SGD (momentum 0.9, nesterov), cosine to 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -11,7 +12,7 @@ from deployq.spec import MAX_BITS, MIN_BITS, check_bits
 
 
 def parse_bits(text: str, what: str) -> tuple[int, ...]:
-    """"2-8" (a range) or "2,4,8" (a list) -> sorted unique bit-widths within 2..8."""
+    """Parse "2-8" (a range) or "2,4,8" (a list) into sorted unique bit-widths in 2..8."""
     text = text.strip()
     try:
         if "-" in text:
@@ -22,7 +23,9 @@ def parse_bits(text: str, what: str) -> tuple[int, ...]:
         else:
             bits = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise UserError(f"--{what} must be a range like 2-8 or a list like 2,4,8; got {text!r}") from None
+        raise UserError(
+            f"--{what} must be a range like 2-8 or a list like 2,4,8; got {text!r}"
+        ) from None
     if not bits:
         raise UserError(f"--{what} is empty")
     for b in bits:
@@ -33,32 +36,86 @@ def parse_bits(text: str, what: str) -> tuple[int, ...]:
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
-        model: str = typer.Option("resnet20", help="Model from the zoo: resnet20, resnet18, mobilenetv2."),
-        data: str = typer.Option("digits", help="digits (built in), an ImageFolder directory or an .npz (x, y)."),
-        out: Path = typer.Option(Path("ckpt.pt"), help="Checkpoint to write (atomically, every epoch)."),
-        epochs: int = typer.Option(10, help="Supernet epochs (after the FP32 warm-up)."),
-        batch_size: int = typer.Option(64, help="Batch size per process."),
-        lr: float = typer.Option(2e-5, help="Adam learning rate of the (BN-folded) weights."),
-        lr_quant: float = typer.Option(5e-3, help="Relative Adam step of the step sizes (fraction of their value)."),
-        input_size: int | None = typer.Option(None, help="Input side in pixels (default: the data's; digits: 16)."),
-        width: int | None = typer.Option(None, help="Base width of the model (default: the model's, 16 for resnet20)."),
-        wbits: str = typer.Option("2-8", help="Weight bit-widths of the space: range 2-8 or list 2,4,8."),
-        abits: str = typer.Option("2-8", help="Activation bit-widths of the space."),
-        fixed_bits: int = typer.Option(8, help="Bit-width of the first and last layer."),
-        no_fixed: bool = typer.Option(False, "--no-fixed", help="Make the first/last layer elastic too."),
-        no_wdr: bool = typer.Option(False, "--no-wdr", help="Ablation: no weight-distribution regularisation."),
-        no_gpg: bool = typer.Option(False, "--no-gpg", help="Ablation: every sandwich subnet on plain CE (no KL chaining)."),
-        grad_l1: float = typer.Option(0.0, "--grad-l1", help="Gradient-l1 lambda on weights (0 = off)."),
-        grad_l1_act: float = typer.Option(0.0, "--grad-l1-act", help="Gradient-l1 lambda on activations."),
-        grad_l1_last: int = typer.Option(0, "--grad-l1-last", help="Apply gradient-l1 only in the last N epochs (0 = all)."),
-        pretrained: Path | None = typer.Option(None, help="A plain FP32 state_dict of the model: skips the warm-up."),
-        warmup_epochs: int = typer.Option(20, help="FP32 warm-up epochs (without --pretrained)."),
-        warmup_lr: float = typer.Option(0.05, help="SGD learning rate of the FP32 warm-up."),
-        seed: int = typer.Option(0),
-        resume: bool = typer.Option(False, "--resume", help="Continue from --out after a kill (same settings)."),
-        holdout: float = typer.Option(0.1, help="Fraction of the train split held out for per-epoch metrics."),
-        no_augment: bool = typer.Option(False, "--no-augment", help="No random-shift augmentation."),
-        threads: int | None = typer.Option(None, help="torch threads per process (1 is often fastest for small nets on a busy CPU)."),
+        model: Annotated[
+            str, typer.Option(help="Model from the zoo: resnet20, resnet18, mobilenetv2.")
+        ] = "resnet20",
+        data: Annotated[
+            str, typer.Option(help="digits (built in), an ImageFolder directory or an .npz (x, y).")
+        ] = "digits",
+        out: Annotated[
+            Path, typer.Option(help="Checkpoint to write (atomically, every epoch).")
+        ] = Path("ckpt.pt"),
+        epochs: Annotated[int, typer.Option(help="Supernet epochs (after the FP32 warm-up).")] = 10,
+        batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 64,
+        lr: Annotated[
+            float, typer.Option(help="Adam learning rate of the (BN-folded) weights.")
+        ] = 3e-4,
+        lr_quant: Annotated[
+            float,
+            typer.Option(help="Relative Adam step of the step sizes (fraction of their value)."),
+        ] = 1e-2,
+        input_size: Annotated[
+            int | None, typer.Option(help="Input side in pixels (default: the data's; digits: 16).")
+        ] = None,
+        width: Annotated[
+            int | None,
+            typer.Option(help="Base width of the model (default: the model's, 16 for resnet20)."),
+        ] = None,
+        wbits: Annotated[
+            str, typer.Option(help="Weight bit-widths of the space: range 2-8 or list 2,4,8.")
+        ] = "2-8",
+        abits: Annotated[str, typer.Option(help="Activation bit-widths of the space.")] = "2-8",
+        fixed_bits: Annotated[int, typer.Option(help="Bit-width of the first and last layer.")] = 8,
+        no_fixed: Annotated[
+            bool, typer.Option("--no-fixed", help="Make the first/last layer elastic too.")
+        ] = False,
+        no_wdr: Annotated[
+            bool, typer.Option("--no-wdr", help="Ablation: no weight-distribution regularisation.")
+        ] = False,
+        no_gpg: Annotated[
+            bool,
+            typer.Option(
+                "--no-gpg", help="Ablation: every sandwich subnet on plain CE (no KL chaining)."
+            ),
+        ] = False,
+        grad_l1: Annotated[
+            float, typer.Option("--grad-l1", help="Gradient-l1 lambda on weights (0 = off).")
+        ] = 0.0,
+        grad_l1_act: Annotated[
+            float, typer.Option("--grad-l1-act", help="Gradient-l1 lambda on activations.")
+        ] = 0.0,
+        grad_l1_last: Annotated[
+            int,
+            typer.Option(
+                "--grad-l1-last", help="Apply gradient-l1 only in the last N epochs (0 = all)."
+            ),
+        ] = 0,
+        pretrained: Annotated[
+            Path | None,
+            typer.Option(help="A plain FP32 state_dict of the model: skips the warm-up."),
+        ] = None,
+        warmup_epochs: Annotated[
+            int, typer.Option(help="FP32 warm-up epochs (without --pretrained).")
+        ] = 20,
+        warmup_lr: Annotated[
+            float, typer.Option(help="SGD learning rate of the FP32 warm-up.")
+        ] = 0.05,
+        seed: Annotated[int, typer.Option()] = 0,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue from --out after a kill (same settings).")
+        ] = False,
+        holdout: Annotated[
+            float, typer.Option(help="Fraction of the train split held out for per-epoch metrics.")
+        ] = 0.1,
+        no_augment: Annotated[
+            bool, typer.Option("--no-augment", help="No random-shift augmentation.")
+        ] = False,
+        threads: Annotated[
+            int | None,
+            typer.Option(
+                help="torch threads per process (1 is often fastest for small nets on a busy CPU)."
+            ),
+        ] = None,
     ) -> None:
         """Train an elastic quantization supernet (FP32 warm-up, BN folding, GPG sandwich + WDR).
 
@@ -99,18 +156,39 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_cmd(
-        checkpoint: Path = typer.Argument(..., help="A supernet checkpoint from `deployq train`."),
-        wbits: int = typer.Option(8, help=f"Weight bits ({MIN_BITS}..{MAX_BITS})."),
-        abits: int | None = typer.Option(None, help="Activation bits (default: --wbits)."),
-        granularity: str = typer.Option("per-channel", help="Weight granularity: per-tensor or per-channel."),
-        symmetric: bool = typer.Option(True, "--symmetric/--asymmetric", help="Weight symmetry."),
-        act_symmetric: bool = typer.Option(False, "--act-symmetric/--act-asymmetric", help="Activation symmetry."),
-        act_signed: bool = typer.Option(False, "--act-signed/--act-unsigned", help="Symmetric activations: signed (int8) grid."),
-        config: Path | None = typer.Option(None, help="A SubnetSpec JSON (overrides the bit/form options)."),
-        data: str | None = typer.Option(None, help="Data source (default: the one it was trained on)."),
-        split: str = typer.Option("val", help="train, val or all."),
-        fp32: bool = typer.Option(False, "--fp32", help="Evaluate the float (BN-folded) network instead."),
-        batch_size: int = typer.Option(256),
+        checkpoint: Annotated[
+            Path, typer.Argument(help="A supernet checkpoint from `deployq train`.")
+        ],
+        wbits: Annotated[int, typer.Option(help=f"Weight bits ({MIN_BITS}..{MAX_BITS}).")] = 8,
+        abits: Annotated[
+            int | None, typer.Option(help="Activation bits (default: --wbits).")
+        ] = None,
+        granularity: Annotated[
+            str, typer.Option(help="Weight granularity: per-tensor or per-channel.")
+        ] = "per-channel",
+        symmetric: Annotated[
+            bool, typer.Option("--symmetric/--asymmetric", help="Weight symmetry.")
+        ] = True,
+        act_symmetric: Annotated[
+            bool, typer.Option("--act-symmetric/--act-asymmetric", help="Activation symmetry.")
+        ] = False,
+        act_signed: Annotated[
+            bool,
+            typer.Option(
+                "--act-signed/--act-unsigned", help="Symmetric activations: signed (int8) grid."
+            ),
+        ] = False,
+        config: Annotated[
+            Path | None, typer.Option(help="A SubnetSpec JSON (overrides the bit/form options).")
+        ] = None,
+        data: Annotated[
+            str | None, typer.Option(help="Data source (default: the one it was trained on).")
+        ] = None,
+        split: Annotated[str, typer.Option(help="train, val or all.")] = "val",
+        fp32: Annotated[
+            bool, typer.Option("--fp32", help="Evaluate the float (BN-folded) network instead.")
+        ] = False,
+        batch_size: Annotated[int, typer.Option()] = 256,
     ) -> None:
         """Print the top-1 accuracy of one subnet of a supernet checkpoint, in PyTorch."""
         from deployq.checkpoint import load_checkpoint
@@ -119,7 +197,9 @@ def register(app: typer.Typer) -> None:
         from deployq.spec import GRANULARITIES, Form, SubnetSpec
 
         if granularity not in GRANULARITIES:
-            raise UserError(f"--granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
+            raise UserError(
+                f"--granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}"
+            )
         check_bits(wbits, "--wbits")
         abits = check_bits(abits, "--abits") if abits is not None else wbits
         spec_json = None
@@ -157,4 +237,3 @@ def register(app: typer.Typer) -> None:
         acc = evaluate(net, ds, spec, batch_size)
         n = len(ds)
         print(f"top-1 {100 * acc:.2f}% ({round(acc * n)}/{n})  {label}  on {source} [{split}]")
-
