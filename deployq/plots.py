@@ -132,7 +132,7 @@ def bits_plot(layers: Sequence[tuple[str, int | None, int]]) -> bytes:
 def accuracy_latency_plot(points: Sequence[dict]) -> bytes:
     """One marker per validated model: dicts with label, profile, backend, latency_ms,
     top1, simulated. Simulated latencies (QNN HTP simulator) get hollow markers."""
-    fig, ax = _figure(7.5, 4.5)
+    fig, ax = _figure(9.5, 4.5)
     seen: set[str] = set()
     for p in points:
         if p.get("latency_ms") is None or p.get("top1") is None:
@@ -152,7 +152,8 @@ def accuracy_latency_plot(points: Sequence[dict]) -> bytes:
     ax.set_xscale("log")
     ax.set_xlabel("latency p50, batch 1 (ms, log scale)")
     ax.set_ylabel("top-1 (%)")
-    ax.legend(fontsize=8, loc="lower right")
+    # Outside the axes: low-bit points sit in the lower right where a legend would hide them.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _png(fig)
 
 

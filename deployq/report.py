@@ -31,6 +31,7 @@ from deployq.fileio import check_writable, write_text
 
 ELASTIC_SCHEMA = "deployq.ElasticTable"
 ELASTIC_VERSION = 1
+MAX_CANDIDATES = 6  # re-measured search candidates listed in the Pareto table
 SECTIONS = (
     ("summary", "Validated models"),
     ("elastic", "Elastic table: every uniform subnet"),
@@ -95,7 +96,7 @@ def _opt_float(v) -> float | None:
 
 
 def load_elastic(path: str | os.PathLike) -> ElasticTable:
-    return ElasticTable.from_dict(_read_json(path), str(path))
+    return ElasticTable.from_dict(_read_json(path), Path(path).name)
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,8 @@ td.num,th.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-n
 img{max-width:100%;height:auto;display:block;margin:8px 0}
 nav a{color:#9cc7ff;margin-right:14px;font-size:13px;text-decoration:none}
 code{font-size:12px;background:#f0f2f5;padding:1px 4px;border-radius:3px}
-.tag{font-size:11px;border-radius:3px;padding:1px 5px;background:#eef;color:#335}
+.notes{background:#fff6e0;border:1px solid #f0d48a;border-radius:8px;padding:10px 16px;margin:18px 0;font-size:13px}
+.notes ul{margin:6px 0 0;padding-left:20px}
 """
 
 
@@ -383,14 +385,16 @@ def _section_pareto(inp: ReportInputs) -> str:
     cands = [(r.cost, r.predicted, r.measured, r.chosen) for r in s.rows if r.kind == "candidate"]
     uni = [(r.spec_id.replace("uniform-", ""), r.cost, r.measured) for r in s.rows if r.kind == "uniform"]
     png = pareto_plot(front, cands, uni, s.cost_kind, s.budget)
+    # The chosen subnet, the best few other re-measured candidates, every uniform subnet.
+    cand = sorted((r for r in s.rows if r.kind == "candidate"), key=lambda r: (not r.chosen, -(r.measured or 0)))
+    shown = cand[:MAX_CANDIDATES] + [r for r in s.rows if r.kind == "uniform"]
     rows = []
-    for r in s.rows:
-        if r.kind == "front":
-            continue
+    for r in shown:
         rows.append([_e(r.kind + (" (chosen)" if r.chosen else "")), f"<code>{_e(r.spec_id)}</code>",
                      _e(f"{r.cost:g}"), _e(_pct(r.predicted)), _e(_pct(r.measured))])
     budget = f" Budget: {s.cost_kind} &le; {s.budget:g}." if s.budget is not None else ""
-    note = (f'<p class="note">{len(front)} configurations on the predictor\'s front; top candidates and '
+    more = f" ({len(cand) - MAX_CANDIDATES} more candidates in the CSV)" if len(cand) > MAX_CANDIDATES else ""
+    note = (f'<p class="note">{len(front)} configurations on the predictor\'s front; top candidates{more} and '
             f"uniform subnets re-measured on the held-out training split (never the reported validation "
             f"split).{budget} Source: <code>{_e(s.source)}</code>.</p>")
     return _img(png, "Pareto front of the search") + note + _table(
@@ -477,7 +481,9 @@ def render_html(inp: ReportInputs) -> str:
     body = "".join(
         f'<section id="{sid}"><h2>{_e(title)}</h2>{_RENDER[sid](inp)}</section>' for sid, title in SECTIONS
     )
-    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in inp.notes)
+    notes = ""
+    if inp.notes:
+        notes = '<div class="notes"><b>Notes</b><ul>' + "".join(f"<li>{_e(n)}</li>" for n in inp.notes) + "</ul></div>"
     sub = f"generated {_e(inp.created)}" if inp.created else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
