@@ -59,8 +59,8 @@ class DemoSettings:
 # digits up-sampled to 16x16 (FP32 ~99% in seconds); the supernet's training defaults
 # (learning rates, losses) are deployq train's own.
 DEFAULT = DemoSettings(
-    input_size=16, width=8, warmup_epochs=20, epochs=4, bits=(2, 3, 4, 5, 6, 7, 8),
-    search_samples=120, generations=20, population=60, parents=15, top_k=4,
+    input_size=16, width=8, warmup_epochs=20, epochs=10, bits=(2, 3, 4, 5, 6, 7, 8),
+    search_samples=300, generations=30, population=100, parents=25, top_k=5,
     latency_warmup=10, latency_iters=100,
 )
 # Must finish in under 2 minutes on 2 cores (a test runs it).
@@ -262,11 +262,11 @@ def _lowest_bits(profile, bits: tuple[int, ...]) -> int:
 
 def _weight_bytes(net, spec) -> int:
     """Bytes of the weights at their bit-width (what a native b-bit container would hold)."""
-    from deployq.elastic import ElasticAdd
+    from deployq.elastic import ElasticWeightless
 
     total = 0.0
     for name, m in net.layers():
-        if isinstance(m, ElasticAdd):
+        if isinstance(m, ElasticWeightless):
             continue
         bits = 32 if spec is None else spec.layers[name].weight.bits
         total += m.weight.numel() * bits / 8

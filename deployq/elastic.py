@@ -272,19 +272,27 @@ class ElasticLinear(_ElasticWeighted):
         return F.linear(x, w, b)
 
 
-class ElasticAdd(nn.Module):
-    """A residual add whose two inputs are quantized (same spec, own step sizes)."""
+class _AddOp(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
 
-    def __init__(self, space: ElasticSpace):
+
+class ElasticWeightless(nn.Module):
+    """An op without weights whose inputs a target runs in integer (residual add,
+    average pooling): each input is quantized (one spec, own step sizes), then
+    `op` runs in float on the dequantized values, as QDQ runtimes define it."""
+
+    def __init__(self, space: ElasticSpace, op: nn.Module, n_inputs: int):
         super().__init__()
-        self.aq = nn.ModuleList([ActQuantizer(space.abits), ActQuantizer(space.abits)])
+        self.op = op
+        self.aq = nn.ModuleList([ActQuantizer(space.abits) for _ in range(n_inputs)])
         self.active: LayerSpec | None = None
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         spec = self.active
         if spec is None:
-            return a + b
-        return self.aq[0](a, spec.act) + self.aq[1](b, spec.act)
+            return self.op(*xs)
+        return self.op(*(q(x, spec.act) for q, x in zip(self.aq, xs)))
 
     @torch.no_grad()
     def frozen_params(self, spec: LayerSpec) -> FrozenAddParams:
@@ -293,6 +301,21 @@ class ElasticAdd(nn.Module):
             s, z = q.qparams(spec.act)
             out.append((s.clone(), torch.round(z).clamp(spec.act.qmin, spec.act.qmax).clone()))
         return FrozenAddParams(spec=spec, act=tuple(out))
+
+
+class ElasticAdd(ElasticWeightless):
+    """A residual add whose two inputs are quantized."""
+
+    def __init__(self, space: ElasticSpace):
+        super().__init__(space, _AddOp(), 2)
+
+
+class ElasticAvgPool(ElasticWeightless):
+    """Average pooling with a quantized input, so the tail of a network (last add ->
+    pool -> classifier) stays integer on targets (QLinearGlobalAveragePool and kin)."""
+
+    def __init__(self, space: ElasticSpace, pool: nn.Module):
+        super().__init__(space, pool, 1)
 
 
 @dataclass(frozen=True)
@@ -315,7 +338,7 @@ class FrozenAddParams:
     act: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (scale, zero_point) per input
 
 
-ELASTIC_TYPES = (ElasticConv2d, ElasticLinear, ElasticAdd)
+ELASTIC_TYPES = (ElasticConv2d, ElasticLinear, ElasticWeightless)
 
 
 class ElasticNet(nn.Module):
@@ -330,10 +353,14 @@ class ElasticNet(nn.Module):
         )
         order = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in self.layer_names]
         self.layer_names = tuple(dict.fromkeys(order))
-        weighted = [n for n in self.layer_names if not isinstance(self.layer(n), ElasticAdd)]
-        self.fixed_layers: tuple[str, ...] = (
-            tuple(dict.fromkeys([weighted[0], weighted[-1]])) if space.fixed_bits and weighted else ()
-        )
+        weighted = [n for n in self.layer_names if not isinstance(self.layer(n), ElasticWeightless)]
+        fixed: tuple[str, ...] = ()
+        if space.fixed_bits and weighted:
+            # The quantized ops that feed the last layer directly (its pooling) belong
+            # to the classifier head and stay at the fixed bits with it.
+            head = _feeding_weightless(gm, weighted[-1], set(self.layer_names))
+            fixed = tuple(dict.fromkeys([weighted[0], *head, weighted[-1]]))
+        self.fixed_layers: tuple[str, ...] = fixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gm(x)
@@ -347,7 +374,7 @@ class ElasticNet(nn.Module):
         if cache is None:
             cache = {n: self.gm.get_submodule(n) for n in self.layer_names}
             self.__dict__["_layer_cache"] = cache
-            self.__dict__["_weightless"] = tuple(n for n, m in cache.items() if isinstance(m, ElasticAdd))
+            self.__dict__["_weightless"] = tuple(n for n, m in cache.items() if isinstance(m, ElasticWeightless))
         return cache
 
     def layer(self, name: str) -> nn.Module:
@@ -364,11 +391,11 @@ class ElasticNet(nn.Module):
 
     def input_signed(self, name: str) -> bool:
         m = self.layer(name)
-        qs = list(m.aq) if isinstance(m, ElasticAdd) else [m.aq]
+        qs = list(m.aq) if isinstance(m, ElasticWeightless) else [m.aq]
         return any(bool(q.signed_input) for q in qs)
 
     def weight_parameters(self) -> list[nn.Parameter]:
-        return [p for _, m in self.layers() if not isinstance(m, ElasticAdd) for p in (m.weight, m.bias)]
+        return [p for _, m in self.layers() if not isinstance(m, ElasticWeightless) for p in (m.weight, m.bias)]
 
     def quant_parameters(self) -> list[nn.Parameter]:
         ids = {id(p) for p in self.weight_parameters()}
@@ -420,7 +447,7 @@ class ElasticNet(nn.Module):
             raise UserError("the SubnetSpec does not fit this model: " + "; ".join(parts))
         for n, m in self.layers():
             ls = spec.layers[n]
-            if (ls.weight is None) != isinstance(m, ElasticAdd):
+            if (ls.weight is None) != isinstance(m, ElasticWeightless):
                 raise UserError(f"layer {n!r}: weight spec {'missing' if ls.weight is None else 'unexpected'}")
             if ls.act.symmetric and not ls.act.signed and self.input_signed(n):
                 raise UserError(f"layer {n!r} has signed inputs; a symmetric unsigned activation grid cannot hold them")
@@ -458,8 +485,8 @@ class ElasticNet(nn.Module):
         hooks = []
         records: dict[int, list[torch.Tensor]] = {id(q): [] for q in act_qs}
         for n, m in self.layers():
-            if isinstance(m, ElasticAdd):
-                hooks.append(m.register_forward_pre_hook(_record_add(records, m)))
+            if isinstance(m, ElasticWeightless):
+                hooks.append(m.register_forward_pre_hook(_record_weightless(records, m)))
             else:
                 hooks.append(m.register_forward_pre_hook(_record_input(records, m.aq)))
         try:
@@ -473,7 +500,7 @@ class ElasticNet(nn.Module):
                 q.calibrate(torch.cat(records[id(q)]), method)
         wforms = {(f.weight_per_channel, f.weight_symmetric) for f in self.space.forms}
         for _, m in self.layers():
-            if not isinstance(m, ElasticAdd):
+            if not isinstance(m, ElasticWeightless):
                 m.wq.calibrate(m.weight, sorted(wforms), method)
         self.train(was_training)
 
@@ -492,7 +519,7 @@ def _record_input(records, aq):
     return hook
 
 
-def _record_add(records, m):
+def _record_weightless(records, m):
     def hook(_module, args):
         for q, x in zip(m.aq, args):
             records[id(q)].append(_subsample(x))
@@ -507,8 +534,12 @@ def _is_tensor_node(a) -> bool:
     return isinstance(a, torch.fx.Node)
 
 
+_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+
+
 def convert(model: nn.Module, space: ElasticSpace | None = None) -> ElasticNet:
-    """Fold BN, swap Conv2d/Linear for elastic layers, quantize residual adds.
+    """Fold BN, swap Conv2d/Linear for elastic layers, quantize residual adds and
+    average pools, and tie quantizers that read the same tensor.
 
     The model must be torch.fx traceable. The result is uncalibrated: call
     `calibrate()` (or load a checkpoint's state_dict) before using a subnet.
@@ -535,20 +566,75 @@ def convert(model: nn.Module, space: ElasticSpace | None = None) -> ElasticNet:
             elif type(m) is nn.Linear:
                 _set_module(gm, node.target, ElasticLinear(m, space))
                 n_weighted += 1
+            elif type(m) in _POOL_MODULES:
+                _set_module(gm, node.target, ElasticAvgPool(space, m))
         elif node.op == "call_function" and node.target in _ADD_FUNCS:
             args = node.args
             if len(args) == 2 and all(_is_tensor_node(a) for a in args) and not node.kwargs:
-                name = f"qadd_{node.name}"
-                gm.add_module(name, ElasticAdd(space))
-                with gm.graph.inserting_after(node):
-                    new = gm.graph.call_module(name, args=args)
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
+                _replace_with_module(gm, node, f"qadd_{node.name}", ElasticAdd(space), args)
+        elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+            if _is_tensor_node(node.args[0]) and len(node.args) == 2 and not node.kwargs:
+                pool = nn.AdaptiveAvgPool2d(node.args[1])
+                _replace_with_module(gm, node, f"qpool_{node.name}", ElasticAvgPool(space, pool), node.args[:1])
     if n_weighted == 0:
         raise UserError("the model has no Conv2d or Linear layer to quantize")
+    _tie_shared_inputs(gm)
     gm.graph.lint()
     gm.recompile()
     return ElasticNet(gm, space)
+
+
+def _replace_with_module(gm: torch.fx.GraphModule, node, name: str, module: nn.Module, args) -> None:
+    gm.add_module(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, args=tuple(args))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _tie_shared_inputs(gm: torch.fx.GraphModule) -> None:
+    """One tensor, one quantizer: when several elastic layers read the same tensor
+    (a block output feeding the next conv and the residual add), they share one
+    ActQuantizer. A target then quantizes that tensor once, so the producer keeps a
+    single Q after it and still fuses into an integer kernel; untied quantizers
+    drift apart in training and force a float op there."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        slots = []  # (module, input index or None for a weighted layer's input)
+        for user in node.users:
+            if user.op != "call_module":
+                continue
+            m = modules.get(user.target)
+            if isinstance(m, ElasticWeightless):
+                slots += [(m, i) for i, a in enumerate(user.args) if a is node]
+            elif isinstance(m, _ElasticWeighted) and user.args and user.args[0] is node:
+                slots.append((m, None))
+        if len(slots) < 2:
+            continue
+        first, idx = slots[0]
+        shared = first.aq if idx is None else first.aq[idx]
+        for m, i in slots[1:]:
+            if i is None:
+                m.aq = shared
+            else:
+                m.aq[i] = shared
+
+
+def _feeding_weightless(gm: torch.fx.GraphModule, target: str, elastic: set[str]) -> list[str]:
+    """Weightless elastic layers reached from `target`'s input through non-elastic ops."""
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+    found, stack, seen = [], [a for a in node.args if _is_tensor_node(a)], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module" and n.target in elastic:
+            if isinstance(gm.get_submodule(n.target), ElasticWeightless):
+                found.append(n.target)
+            continue
+        stack.extend(a for a in n.all_input_nodes)
+    return found
 
 
 def _set_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:
@@ -565,6 +651,8 @@ def dequantized_weight(p: FrozenParams) -> torch.Tensor:
 __all__ = [
     "ActQuantizer",
     "ElasticAdd",
+    "ElasticAvgPool",
+    "ElasticWeightless",
     "ElasticConv2d",
     "ElasticLinear",
     "ElasticNet",

@@ -164,13 +164,16 @@ class _XWeighted(nn.Module):
         return F.linear(x, w, b)
 
 
-class _XAdd(nn.Module):
-    def __init__(self, name: str, quantized: bool):
-        super().__init__()
-        self.keys = (f"{name}.input0", f"{name}.input1") if quantized else (None, None)
+class _XWeightless(nn.Module):
+    """A weightless quantized op (residual add, average pool): marked inputs, float op."""
 
-    def forward(self, a, b):
-        return _mark(a, self.keys[0]) + _mark(b, self.keys[1])
+    def __init__(self, name: str, n_inputs: int, op: nn.Module, quantized: bool):
+        super().__init__()
+        self.op = op
+        self.keys = tuple(f"{name}.input{i}" if quantized else None for i in range(n_inputs))
+
+    def forward(self, *xs):
+        return self.op(*(_mark(x, k) for x, k in zip(xs, self.keys)))
 
 
 def _dequantized_weight(p) -> torch.Tensor:
@@ -184,12 +187,12 @@ def _dequantized_weight(p) -> torch.Tensor:
 
 
 def _export_module(net, frozen: dict | None) -> nn.Module:
-    from deployq.elastic import ElasticAdd
+    from deployq.elastic import ElasticWeightless
 
     replacements: dict[str, nn.Module] = {}
     for name, m in net.layers():
-        if isinstance(m, ElasticAdd):
-            replacements[name] = _XAdd(name, frozen is not None)
+        if isinstance(m, ElasticWeightless):
+            replacements[name] = _XWeightless(name, len(m.aq), copy.deepcopy(m.op), frozen is not None)
         elif frozen is None:
             replacements[name] = _XWeighted(m, m.weight, m.bias, name, False)
         else:
@@ -410,6 +413,8 @@ def _lower(model: onnx.ModelProto, low: _Lowering | None) -> onnx.ModelProto:
     del g.initializer[:]
     g.initializer.extend(old + inits)
     _fold_weight_transposes(g, low)
+    if low is not None:
+        _requantize_before_shape_ops(g, low)
     _drop_unused_initializers(g)
     # the exporter's value_info for marker outputs is stale; let consumers re-infer
     del g.value_info[:]
@@ -417,6 +422,53 @@ def _lower(model: onnx.ModelProto, low: _Lowering | None) -> onnx.ModelProto:
     del model.opset_import[:]
     model.opset_import.extend(keep)
     return model
+
+
+_SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def _requantize_before_shape_ops(g: onnx.GraphProto, low: _Lowering) -> None:
+    """pool -> Flatten -> Q/DQ -> Gemm leaves the pool in float on runtimes that fuse
+    DQ -> op -> Q patterns: repeat the quantizer before the shape op as well. Exact,
+    since a shape op moves values without changing them and requantizing on-grid
+    values on the same grid is the identity. Skipped where the target forbids Q/DQ
+    around shape ops (TensorRT)."""
+    banned = set(low.profile.graph.no_qdq_ops)
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    out_nodes = list(g.node)
+    for s in list(g.node):
+        if s.op_type not in _SHAPE_OPS or s.op_type in banned:
+            continue
+        users = consumers.get(s.output[0], [])
+        src = producers.get(s.input[0])
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or (src and src.op_type == "DequantizeLinear"):
+            continue
+        chain, n = [], users[0]
+        while True:  # Q [-> DQ -> Clip -> Q] -> DQ, ending at an activation key
+            chain.append(n)
+            nxt = consumers.get(n.output[0], [])
+            if n.op_type == "DequantizeLinear" and n.output[0] in low.acts or len(nxt) != 1:
+                break
+            n = nxt[0]
+        if chain[-1].op_type != "DequantizeLinear" or chain[-1].output[0] not in low.acts:
+            continue
+        copies, prev = [], s.input[0]
+        for c in chain:
+            new = onnx.NodeProto()
+            new.CopyFrom(c)
+            new.name = f"{c.name}_before_{s.op_type}"
+            new.input[0] = prev
+            new.output[0] = prev = f"{c.output[0]}_before_{s.op_type}"
+            copies.append(new)
+        s.input[0] = prev
+        i = out_nodes.index(s)
+        out_nodes[i:i] = copies
+    del g.node[:]
+    g.node.extend(out_nodes)
 
 
 def _fold_weight_transposes(g: onnx.GraphProto, low: _Lowering | None) -> None:
@@ -618,10 +670,10 @@ def _build_model(ckpt, profile, spec, *, fp32, calibration):
 
 
 def _ends_in_weighted(net) -> bool:
-    from deployq.elastic import ElasticAdd
+    from deployq.elastic import ElasticWeightless
 
     last = net.layer_names[-1]
-    if isinstance(net.layer(last), ElasticAdd):
+    if isinstance(net.layer(last), ElasticWeightless):
         return False
     outs = [n for n in net.gm.graph.nodes if n.op == "output"]
     arg = outs[0].args[0] if outs else None

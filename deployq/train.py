@@ -392,9 +392,9 @@ def single_subnet(space: ElasticSpace) -> bool:
 
 
 def wdr_weights(net) -> list[torch.Tensor]:
-    from deployq.elastic import ElasticAdd
+    from deployq.elastic import ElasticWeightless
 
-    ws = [m.weight for _, m in net.layers() if not isinstance(m, ElasticAdd)]
+    ws = [m.weight for _, m in net.layers() if not isinstance(m, ElasticWeightless)]
     return ws[1:]  # the first layer is excluded (EQ-Net)
 
 
@@ -461,9 +461,9 @@ def sandwich_step(
 
 
 def _weighted(net) -> list[nn.Module]:
-    from deployq.elastic import ElasticAdd
+    from deployq.elastic import ElasticWeightless
 
-    return [m for _, m in net.layers() if not isinstance(m, ElasticAdd)]
+    return [m for _, m in net.layers() if not isinstance(m, ElasticWeightless)]
 
 
 # --------------------------------------------------------------------------- stages

@@ -7,6 +7,8 @@ from torch import nn
 
 from deployq.elastic import (
     ElasticAdd,
+    ElasticAvgPool,
+    ElasticWeightless,
     ElasticConv2d,
     ElasticLinear,
     convert,
@@ -140,10 +142,8 @@ def test_freeze_integers_reproduce_the_elastic_forward_exactly(form, bits, depth
     frozen = net.freeze(spec)
     for name, m in net.layers():
         p = frozen[name]
-        if isinstance(m, ElasticAdd):
-            a, b = ins[name]
-            (sa, za), (sb, zb) = p.act
-            got = _qdq(a, sa, za, p.spec.act) + _qdq(b, sb, zb, p.spec.act)
+        if isinstance(m, ElasticWeightless):
+            got = m.op(*(_qdq(x, s, z, p.spec.act) for x, (s, z) in zip(ins[name], p.act)))
         else:
             xq = _qdq(ins[name][0], p.act_scale, p.act_zero_point, p.spec.act)
             w = dequantized_weight(p)
@@ -158,9 +158,11 @@ def test_freeze_integers_reproduce_the_elastic_forward_exactly(form, bits, depth
 
 def test_fixed_first_and_last_layers(resnet):
     _, net = resnet
-    weighted = [n for n, m in net.layers() if not isinstance(m, ElasticAdd)]
+    weighted = [n for n, m in net.layers() if not isinstance(m, ElasticWeightless)]
     first, last = weighted[0], weighted[-1]
-    assert net.fixed_layers == (first, last)
+    # The head's average pool (the quantized op feeding the classifier) is fixed with it.
+    pools = [n for n, m in net.layers() if isinstance(m, ElasticAvgPool)]
+    assert net.fixed_layers == (first, *pools, last) and len(pools) == 1
     rng = random.Random(0)
     for spec in [net.uniform_spec(ALL_FORMS[0], 2), net.lowest(Form()), net.sample(rng), net.sample(rng)]:
         for n in (first, last):
@@ -240,3 +242,26 @@ def test_untraceable_model_is_a_user_error():
 def test_model_without_quantizable_layers_is_a_user_error():
     with pytest.raises(UserError, match="no Conv2d or Linear"):
         convert(nn.Sequential(nn.ReLU()))
+
+
+def test_layers_reading_the_same_tensor_share_one_quantizer():
+    from deployq.models import build_model
+
+    net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4))
+    modules = dict(net.gm.named_modules())
+    shared = 0
+    for node in net.gm.graph.nodes:
+        qs = []
+        for u in node.users:
+            m = modules.get(u.target) if u.op == "call_module" else None
+            if isinstance(m, ElasticWeightless):
+                qs += [m.aq[i] for i, a in enumerate(u.args) if a is node]
+            elif m is not None and hasattr(m, "aq"):
+                qs.append(m.aq)
+        if len(qs) > 1:
+            shared += 1
+            assert all(q is qs[0] for q in qs), node.name
+    assert shared >= 8  # every block input feeds conv1 (and the shortcut) and the add
+    # Tied cells load back from a checkpoint state_dict as one parameter.
+    clone = convert(build_model("resnet20", num_classes=10, input_size=8, width=4))
+    clone.load_state_dict(net.state_dict(), strict=True)

@@ -100,4 +100,25 @@ def test_cpu_export_has_no_float_conv_after_ort_optimisation(ckpt, tmp_path, bit
     assert not FLOAT_OPS & set(ops), ops
     assert ops["QLinearConv"] == n_conv and ops["QGemm"] == 1, ops
     if bits == 8:
-        assert ops["QLinearAdd"] >= 8, ops  # every residual add whose output is quantized
+        # Fully integer: every residual add, the head's pooling, nothing float but the
+        # input QuantizeLinear (quantizers sharing a tensor are tied, see elastic.convert).
+        n_add = sum(1 for n in onnx.load(str(res.out)).graph.node if n.op_type == "Add")
+        assert ops["QLinearAdd"] == n_add and ops["QLinearGlobalAveragePool"] == 1, ops
+        assert not {"Add", "GlobalAveragePool", "DequantizeLinear", "Relu"} & set(ops), ops
+
+
+def test_tied_quantizers_keep_the_cpu_graph_integer_after_drift(ckpt, tmp_path):
+    """Training moves step sizes; tensors read by several layers must still get one Q."""
+    ck = load_checkpoint(ckpt.path)  # a private copy: the drift below must not leak
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in ck.net.quant_parameters():
+            p.mul_(1 + 0.1 * torch.rand(p.shape, generator=g))
+    profile = load_profile("cpu")
+    res = export(ck, profile, subnet_from_args(ck.net, profile, bits=8), tmp_path / "m.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(res.out), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert not (FLOAT_OPS | {"Add", "GlobalAveragePool"}) & set(ops), ops

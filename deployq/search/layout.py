@@ -50,12 +50,12 @@ class NetLayout:
     @classmethod
     def of(cls, net, input_shape: tuple[int, ...]) -> NetLayout:
         """Record every weighted layer's output shape in one float forward pass (batch 1)."""
-        from deployq.elastic import ElasticAdd
+        from deployq.elastic import ElasticWeightless
 
         macs: dict[str, int] = {}
         hooks = []
         for name, m in net.layers():
-            if isinstance(m, ElasticAdd):
+            if isinstance(m, ElasticWeightless):
                 continue
 
             def hook(mod, _args, out, name=name):
@@ -75,7 +75,7 @@ class NetLayout:
             net.set_active(previous)
         infos = []
         for name, m in net.layers():
-            weighted = not isinstance(m, ElasticAdd)
+            weighted = not isinstance(m, ElasticWeightless)
             infos.append(
                 LayerInfo(
                     name=name,
