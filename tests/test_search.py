@@ -268,3 +268,20 @@ def test_predictor_learns_monotone_function(tmp_path):
     torch.save(pred.state(), tmp_path / "p.pt")
     back = Predictor.from_state(torch.load(tmp_path / "p.pt", weights_only=True))
     np.testing.assert_allclose(back.predict(x[:10]), pred.predict(x[:10]), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampled_average_bits_spread_evenly():
+    from deployq.search.sampling import local_genes, sample_population
+
+    choices = ((2, 3, 4, 5, 6, 7, 8),) * 30
+    pop = sample_population(np.random.default_rng(0), choices, 600)
+    avg = pop.mean(axis=1)
+    counts = np.histogram(avg, bins=[2, 3, 4, 5, 6, 7, 8.01])[0]
+    assert counts.min() >= 0.1 * len(pop), counts  # every unit of average bits is covered
+    assert len({tuple(g) for g in pop}) > 0.9 * len(pop)
+    g = local_genes(np.random.default_rng(1), choices)
+    _, n = np.unique(g, return_counts=True)
+    assert n.max() >= 30 - 6  # a uniform genome with at most 6 genes changed

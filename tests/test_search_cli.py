@@ -15,7 +15,7 @@ from deployq.elastic import convert
 from deployq.models import build_model
 from deployq.profile import load_profile
 from deployq.search import SearchConfig, search
-from deployq.search.cost import avg_bits
+from deployq.search.cost import avg_bits, extreme_bits, parse_budget
 from deployq.search.layout import NetLayout
 from deployq.search.predictor import PredictorConfig
 from deployq.spec import ElasticSpace, Form, SubnetSpec
@@ -136,8 +136,8 @@ def test_cache_reused_and_invalidated(ckpt, tmp_path):
         progress=False,
     )
     assert second.samples_cached and second.predictor_cached
-    # top-k per round (2 refinement rounds + the last) + 4 uniform references only
-    assert second.n_measured == 3 * 5 + 4
+    # top-k per round (4 refinement rounds + the last) + 4 uniform references only
+    assert second.n_measured == 5 * 5 + 4
     assert second.base_metrics == first.base_metrics
     # A cache for another checkpoint (sha256 differs) is not used.
     other = tmp_path / "other.pt"
@@ -165,7 +165,13 @@ def _fail(capsys, args) -> str:
 def test_bad_input(ckpt, tmp_path, capsys):
     base = ["search", str(ckpt), "-o", str(tmp_path / "s.json"), *QUICK]
     err = _fail(capsys, [*base, "--profile", "snpe", "--budget", "avg-bits=1.5"])
-    assert "budget avg-bits=1.5 cannot be met: the cheapest configuration costs 2.45" in err
+    net = load_checkpoint(ckpt).net
+    w, a = extreme_bits(NetLayout.of(net, (1, 3, 8, 8)), (2, 3, 4, 8), (2, 3, 4, 8), min)
+    cheapest = parse_budget("avg-bits=1").bits_cost(NetLayout.of(net, (1, 3, 8, 8)), w, a)
+    assert 2 < cheapest < 3
+    assert (
+        f"budget avg-bits=1.5 cannot be met: the cheapest configuration costs {cheapest:.2f}" in err
+    )
     assert "(first/last layers fixed at 8 bits)" in err
     assert "unknown budget kind 'speed'" in _fail(
         capsys, [*base, "--profile", "snpe", "--budget", "speed=3"]

@@ -45,12 +45,12 @@ def search_cmd(
         ),
     ] = None,
     top_k: Annotated[
-        int, typer.Option("--top-k", help="Candidates re-measured for real at the end.")
+        int, typer.Option("--top-k", help="Candidates measured for real in each round.")
     ] = 5,
     refine_rounds: Annotated[
         int,
         typer.Option("--refine-rounds", help="Rounds of: evolve, measure top-k, refit predictor."),
-    ] = 2,
+    ] = 4,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, predictor, evolution).")] = 0,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Ignore and do not write <ckpt>.cqap/.")

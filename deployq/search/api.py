@@ -46,7 +46,7 @@ class SearchConfig:
     seed: int = 0
     out: str | Path | None = "subnet.json"
     top_k: int = 5  # candidates measured for real per round
-    refine_rounds: int = 2  # evolve, measure top-k, refit the predictor with them; repeat
+    refine_rounds: int = 4  # evolve, measure top-k, refit the predictor with them; repeat
     use_cache: bool = True
     n_measure: int = 0  # measure on at most this many held-out images (0 = all)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
@@ -81,6 +81,7 @@ class SearchResult:
     data: str
     n_holdout: int
     outputs: tuple[Path, ...] = ()
+    predictor: object = None  # the final Predictor (scores encoder.encode(spec, layout) vectors)
 
     def nearest_uniform(self) -> UniformRef | None:
         """The uniform subnet whose cost is closest to the budget."""
@@ -434,4 +435,5 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         data=str(source),
         n_holdout=len(measure),
         outputs=outputs,
+        predictor=predictor,
     )

@@ -6,6 +6,12 @@ allowed bit-width, then every gene independently around it (Gaussian, rounded to
 the nearest allowed value), so the sample covers the cheap and the dear end of the
 space alike instead of piling up in the middle as independent uniform draws would.
 
+Half of the genomes (`LOCAL_FRACTION`) are instead a uniform subnet at a target drawn
+the same way with a few genes set at random (`local_genes`): the average bit-width
+stays evenly spread, but single layers now move on their own. Genomes drawn around a
+shared target move all their genes together, so they cannot tell which layer costs
+the accuracy; an additive model fitted on them alone ranks unseen subnets poorly.
+
 `Measurer` keeps the held-out images as one tensor and evaluates a spec in large
 batches under inference mode; switching subnets is `net.set_active(spec)`.
 """
@@ -16,6 +22,8 @@ import numpy as np
 import torch
 
 SPREAD = 1.0  # mean std-dev (in bits) of per-layer bits around the drawn target
+LOCAL_FRACTION = 0.5  # share of genomes that are a uniform subnet with a few genes changed
+MAX_CHANGES = 6
 
 
 def _nearest(values: np.ndarray, choices: tuple[int, ...]) -> np.ndarray:
@@ -42,13 +50,30 @@ def sample_genes(
     return out
 
 
-def sample_population(
-    rng: np.random.Generator, choices, n: int, spread: float | None = None
+def local_genes(
+    rng: np.random.Generator, choices: tuple[tuple[int, ...], ...], max_changes: int = MAX_CHANGES
 ) -> np.ndarray:
-    return (
-        np.stack([sample_genes(rng, choices, spread) for _ in range(n)])
-        if n
-        else np.zeros((0, len(choices)), np.int64)
+    """A (near-)uniform genome at a target average drawn uniformly, with 1..max_changes
+    random genes set to a random allowed value."""
+    out = sample_genes(rng, choices, spread=0.0)
+    k = int(rng.integers(1, min(max_changes, len(choices)) + 1))
+    for i in rng.choice(len(choices), size=k, replace=False):
+        out[i] = choices[i][rng.integers(len(choices[i]))]
+    return out
+
+
+def sample_population(
+    rng: np.random.Generator, choices, n: int, local_fraction: float = LOCAL_FRACTION
+) -> np.ndarray:
+    if not n:
+        return np.zeros((0, len(choices)), np.int64)
+    return np.stack(
+        [
+            local_genes(rng, choices)
+            if rng.random() < local_fraction
+            else sample_genes(rng, choices)
+            for _ in range(n)
+        ]
     )
 
 
