@@ -285,7 +285,7 @@ class ElasticWeightless(nn.Module):
     def __init__(self, space: ElasticSpace, op: nn.Module, n_inputs: int):
         super().__init__()
         self.op = op
-        self.aq = nn.ModuleList([ActQuantizer(space.abits) for _ in range(n_inputs)])
+        self.aq = nn.ModuleList([ActQuantizer(_with_fixed(space.abits, space)) for _ in range(n_inputs)])
         self.active: LayerSpec | None = None
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:

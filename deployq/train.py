@@ -35,9 +35,19 @@ from torch import nn
 
 from deployq.errors import UserError
 from deployq.fileio import check_writable
-from deployq.spec import ALL_FORMS, ElasticSpace, Form, check_bits
+from deployq.spec import ElasticSpace, Form, check_bits
 
 REFERENCE_FORM = Form(weight_per_channel=True, weight_symmetric=True, act_symmetric=False)
+# The default space: the four weight forms with asymmetric (uint) activations, plus
+# TensorRT's int8 form (symmetric signed activations). That covers every shipped profile;
+# more forms share the same weights and cost accuracy (ALL_FORMS has 12).
+DEFAULT_FORMS = (
+    Form(False, True, False),
+    Form(False, False, False),
+    Form(True, True, False),
+    Form(True, False, False),
+    Form(True, True, True, True),
+)
 PER_TENSOR_REFERENCE = Form(weight_per_channel=False, weight_symmetric=False, act_symmetric=False)
 CLIP_VALUE = 1.0
 ALL_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -61,7 +71,7 @@ class TrainConfig:
     width: int | None = None  # None: the model's default
     wbits: tuple[int, ...] = ALL_BITS
     abits: tuple[int, ...] = ALL_BITS
-    forms: tuple[Form, ...] = ALL_FORMS
+    forms: tuple[Form, ...] = DEFAULT_FORMS
     fixed_bits: int | None = 8  # first/last layer bits; None = elastic too
     wdr: bool = True
     gpg: bool = True
@@ -313,7 +323,7 @@ class ElasticAdam(torch.optim.Optimizer):
         super().__init__(groups, {"lr": 1e-3, "betas": betas, "eps": eps, "relative": False})
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ARG002 - the sandwich never needs a closure
+    def step(self, closure=None):
         # foreach ops over the parameters that have a gradient this step: a sandwich step
         # touches ~150 small tensors, and per-tensor Python loops cost more than the math.
         for group in self.param_groups:
@@ -378,11 +388,16 @@ def choose_subnets(net, rng: random.Random, cfg: TrainConfig) -> list:
     """[highest, random, lowest] SubnetSpecs of one step (identical on every rank)."""
     space = net.space
     form_h = rng.choice(space.forms)
-    per_tensor = [f for f in space.forms if not f.weight_per_channel]
+    # The lowest subnet trains the hardest cells every step, so spend it where a low
+    # bit-width can be deployed: symmetric activation grids are the int8 forms of
+    # TensorRT-style targets, and a 2-bit symmetric grid on post-ReLU activations wastes
+    # half its levels. Their low-bit cells still train through the random subnet.
+    low_forms = [f for f in space.forms if not f.act_symmetric] or list(space.forms)
+    per_tensor = [f for f in low_forms if not f.weight_per_channel]
     if per_tensor and rng.random() < cfg.lowest_per_tensor:
         form_l = rng.choice(per_tensor)
     else:
-        form_l = rng.choice(space.forms)
+        form_l = rng.choice(low_forms)
     return [net.highest(form_h), net.sample(rng), net.lowest(form_l)]
 
 
