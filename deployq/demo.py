@@ -293,6 +293,40 @@ def _elastic_table(net, meta, profiles, bits):
     return ElasticTable(rows, fp32=evaluate(net, val, None), split="val", source="deployq demo (val split)")
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one intra-op thread: these nets are tiny, and on a busy 2-core machine
+    two spinning OpenMP threads made a supernet step ~10x slower (measured)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """A `kill` cleans up like Ctrl-C does (only the main thread can install handlers)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     """Run the whole pipeline into `config.out` (see the module doc for the guarantees)."""
     t_start = time.perf_counter()
@@ -303,8 +337,9 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     budget = parse_budget(config.budget)  # a bad budget fails before any work
     partial = _fresh_partial(out)
     try:
-        result = _run(config, out, partial, budget, progress, t_start)
-        _publish(partial, out)
+        with _one_thread(), _sigterm_as_interrupt():
+            result = _run(config, out, partial, budget, progress, t_start)
+            _publish(partial, out)
     except OSError as e:  # disk full, permissions: the user's to fix, and nothing is left behind
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(f"demo failed writing its outputs ({e.strerror or e}); nothing was published "
@@ -337,7 +372,7 @@ def _run(config: DemoConfig, out: Path, work: Path, budget, progress: bool, t_st
         train(TrainConfig(
             model="resnet20", data="digits", out=str(ckpt_path), epochs=s.epochs,
             warmup_epochs=s.warmup_epochs, input_size=s.input_size, width=s.width, wbits=s.bits,
-            abits=s.bits, forms=forms, seed=config.seed, final_eval=False,
+            abits=s.bits, forms=forms, seed=config.seed, final_eval=False, threads=1,
         ), progress=progress)
         ckpt = load_checkpoint(ckpt_path)
         net = ckpt.net

@@ -186,3 +186,30 @@ def test_interrupted_run_leaves_nothing_that_looks_done(tmp_path, monkeypatch, c
     assert cli.main(["report", "--demo", str(out), "-o", str(tmp_path / "r.html")]) == 2
     assert "not a finished deployq demo" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_killed_run_cleans_up(tmp_path):
+    """A real interruption: SIGTERM to a running `deployq demo` process mid-training."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "deployq", "demo", "--fast", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        # wait until the run has started writing, then let it train a little
+        while not (partial_dir(out) / "models").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the demo never started"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(tmp_path.iterdir()) == []
