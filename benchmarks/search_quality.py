@@ -69,8 +69,9 @@ def main() -> None:
         "--train-holdout",
         type=float,
         default=0.3,
-        help="share of the train split training leaves out (0.3: 431 images; at 0.1 = 142 images one "
-        "image is 0.7 points and a good supernet's subnets differ by less (the search measures subnets on it)",
+        help="share of the train split training leaves out; the search measures subnets on it "
+        "(0.3 = 431 images; at 0.1 = 142 one image is 0.7 points, more than a good supernet's "
+        "subnets differ by)",
     )
     ap.add_argument("--spread-test", type=int, default=100, help="extra even-spread test configs")
     ap.add_argument("--train-only", action="store_true")
