@@ -83,6 +83,7 @@ class TrainConfig:
     resume: bool = False
     holdout: float = 0.1  # fraction of the TRAIN split held out for per-epoch metrics
     calib_batches: int = 4
+    calibration: str = "search"  # cell initialisation: "search" (clipping search) or "minmax"
     augment: bool = True  # random shifts of up to size/8 pixels
     lowest_per_tensor: float = 0.5  # probability the lowest subnet uses a per-tensor form
     final_eval: bool = True  # uniform-subnet table on the val split at the end
@@ -109,6 +110,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 < self.holdout < 1.0:
             raise UserError(f"holdout fraction must be in (0, 1); got {self.holdout}")
+        if self.calibration not in ("search", "minmax", "hybrid"):
+            raise UserError(f"calibration must be search, minmax or hybrid; got {self.calibration!r}")
         if not 0.0 <= self.lowest_per_tensor <= 1.0:
             raise UserError("lowest_per_tensor must be a probability")
         for name in ("input_size", "width"):
@@ -700,7 +703,7 @@ def train(config: TrainConfig, progress: bool = True):
             metrics["fp32_holdout_top1"] = acc
         model.eval()
         net = convert(model, space).to(d.device)
-        net.calibrate(_calibration_batches(data, cfg, d.device))
+        net.calibrate(_calibration_batches(data, cfg, d.device), method=cfg.calibration)
         _broadcast_state(net, d)
         if d.main:
             metrics["folded_holdout_top1"] = _evaluate_float(net, data.held)

@@ -173,3 +173,17 @@ def test_init_qparams_per_channel_shapes_and_grid():
     assert torch.equal(z, torch.round(z)) and int(z.min()) >= spec.qmin and int(z.max()) <= spec.qmax
     # wider channels get wider steps
     assert s[-1] > s[0] * 5
+
+
+def test_calibration_methods_minmax_and_hybrid():
+    x = torch.cat([torch.randn(5000), torch.randn(10) * 6])
+    for bits in (2, 4):
+        spec = act_spec(bits, False, False)
+        s_mm, z_mm = init_qparams(x, spec, method="minmax")
+        torch.testing.assert_close(s_mm, (x.max() - x.min()) / (spec.qmax - spec.qmin))
+        s_h, z_h = init_qparams(x, spec, method="hybrid")
+        s_s, z_s = init_qparams(x, spec, method="search")
+        expected = (s_s, z_s) if bits == 2 else (s_mm, z_mm)
+        assert torch.equal(s_h, expected[0]) and torch.equal(z_h, expected[1])
+    with pytest.raises(ValueError):
+        init_qparams(x, act_spec(4, False, False), method="percentile")

@@ -100,6 +100,12 @@ def register(app: typer.Typer) -> None:
         warmup_lr: Annotated[
             float, typer.Option(help="SGD learning rate of the FP32 warm-up.")
         ] = 0.05,
+        calibration: Annotated[
+            str,
+            typer.Option(
+                help="Cell initialisation: search (EQ-Net clipping search), minmax or hybrid."
+            ),
+        ] = "search",
         seed: Annotated[int, typer.Option()] = 0,
         resume: Annotated[
             bool, typer.Option("--resume", help="Continue from --out after a kill (same settings).")
@@ -147,6 +153,7 @@ def register(app: typer.Typer) -> None:
             grad_l1_last=grad_l1_last,
             pretrained=str(pretrained) if pretrained else None,
             seed=seed,
+            calibration=calibration,
             resume=resume,
             holdout=holdout,
             augment=not no_augment,
