@@ -79,7 +79,9 @@ def _usage_exit_code(e: Exception) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps UserError -> exit 2 and GateFailed -> exit 1 with one line."""
     try:
-        app(args=argv, prog_name="deployq", standalone_mode=False)
+        rc = app(args=argv, prog_name="deployq", standalone_mode=False)
+        if isinstance(rc, int) and rc:  # non-standalone typer returns 130 on Ctrl-C
+            return rc
     except UserError as e:
         print(f"deployq: error: {e}", file=sys.stderr)
         return 2

@@ -97,6 +97,7 @@ def test_check_accepts_exactly_the_profile_form(form, name):
 
 def test_check_refuses_bad_bits_naming_the_layer(tmp_path):
     text = shipped_text("tensorrt").replace("bits = [2, 3, 4, 5, 6, 7, 8]", "bits = [8]")
+    text = text.replace("bits = [4, 5, 6, 7, 8]", "bits = [8]")
     path = tmp_path / "trt8.toml"
     path.write_text(text)
     p = load_profile(str(path))
@@ -114,6 +115,13 @@ def test_check_refuses_bad_bits_naming_the_layer(tmp_path):
     bad = spec.with_layers({"fc": LayerSpec(p.form.weight(8), p.form.act(6))})
     with pytest.raises(UserError, match=re.escape("activation bits {8}; got 6 for layer 'fc'")):
         p.check(bad)
+
+
+def test_tensorrt_refuses_activations_below_4_bits():
+    p = load_profile("tensorrt")
+    assert p.act_bits == (4, 5, 6, 7, 8) and min(p.weight_bits) == 2
+    with pytest.raises(UserError, match="activation bits"):
+        p.check(SubnetSpec.uniform(LAYERS, p.form, 8, 2))
 
 
 def test_check_refuses_bad_form_naming_the_layer():
