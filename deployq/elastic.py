@@ -199,6 +199,23 @@ def _int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return round_ste(bias / s) * s
 
 
+def _quant_input(q: ActQuantizer, x: torch.Tensor, act: QuantSpec, stored_bits: int | None):
+    """Quantize a layer input. A tensor several layers read is stored once at
+    `stored_bits` (one Q on the producer, which keeps it fusable and keeps the
+    residual stream at 8 bits); a reader that wants fewer bits requantizes it."""
+    if stored_bits is not None and act.bits != stored_bits:
+        x = q(x, act.with_bits(stored_bits))
+    return q.quantize_with_scale(x, act)
+
+
+def _stored_params(q: ActQuantizer, act: QuantSpec, stored_bits: int | None):
+    if stored_bits is None or act.bits == stored_bits:
+        return None
+    spec = act.with_bits(stored_bits)
+    s, z = q.qparams(spec)
+    return spec, s.clone(), torch.round(z).clamp(spec.qmin, spec.qmax).clone()
+
+
 class _ElasticWeighted(nn.Module):
     """Shared behaviour of elastic Conv2d / Linear: quantize input and weight."""
 
@@ -212,6 +229,7 @@ class _ElasticWeighted(nn.Module):
         # elastic range (e.g. a dedicated 2-bit space with 8-bit first/last layers).
         self.wq = WeightQuantizer(out, _with_fixed(space.wbits, space))
         self.aq = ActQuantizer(_with_fixed(space.abits, space))
+        self.stored_bits: int | None = None  # set when the input tensor is shared (convert)
         self.active: LayerSpec | None = None
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -221,7 +239,7 @@ class _ElasticWeighted(nn.Module):
         spec = self.active
         if spec is None:
             return self._op(x, self.weight, self.bias)
-        xq, s_a = self.aq.quantize_with_scale(x, spec.act)
+        xq, s_a = _quant_input(self.aq, x, spec.act, self.stored_bits)
         wq, s_w = self.wq.quantize_with_scale(self.weight, spec.weight)
         return self._op(xq, wq, _int32_bias(self.bias, s_a * s_w))
 
@@ -249,6 +267,7 @@ class _ElasticWeighted(nn.Module):
             weight_zero_point=torch.round(z_w).clamp(spec.weight.qmin, spec.weight.qmax).clone(),
             bias_int=bias_int.to(torch.int32),
             bias_scale=bias_scale,
+            stored=_stored_params(self.aq, spec.act, self.stored_bits),
         )
 
 
@@ -286,13 +305,16 @@ class ElasticWeightless(nn.Module):
         super().__init__()
         self.op = op
         self.aq = nn.ModuleList([ActQuantizer(_with_fixed(space.abits, space)) for _ in range(n_inputs)])
+        self.stored_bits: list[int | None] = [None] * n_inputs
         self.active: LayerSpec | None = None
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         spec = self.active
         if spec is None:
             return self.op(*xs)
-        return self.op(*(q(x, spec.act) for q, x in zip(self.aq, xs)))
+        return self.op(
+            *(_quant_input(q, x, spec.act, sb)[0] for q, x, sb in zip(self.aq, xs, self.stored_bits))
+        )
 
     @torch.no_grad()
     def frozen_params(self, spec: LayerSpec) -> FrozenAddParams:
@@ -300,7 +322,8 @@ class ElasticWeightless(nn.Module):
         for q in self.aq:
             s, z = q.qparams(spec.act)
             out.append((s.clone(), torch.round(z).clamp(spec.act.qmin, spec.act.qmax).clone()))
-        return FrozenAddParams(spec=spec, act=tuple(out))
+        stored = tuple(_stored_params(q, spec.act, sb) for q, sb in zip(self.aq, self.stored_bits))
+        return FrozenAddParams(spec=spec, act=tuple(out), stored=stored)
 
 
 class ElasticAdd(ElasticWeightless):
@@ -330,12 +353,16 @@ class FrozenParams:
     weight_zero_point: torch.Tensor  # [C] or [1], integer-valued float
     bias_int: torch.Tensor  # int32 [C]
     bias_scale: torch.Tensor  # [C] = act_scale * weight_scale
+    # (spec, scale, zero_point) of the shared tensor's stored form when this layer
+    # requantizes it to fewer bits; None when the input is quantized once.
+    stored: tuple | None = None
 
 
 @dataclass(frozen=True)
 class FrozenAddParams:
     spec: LayerSpec
     act: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (scale, zero_point) per input
+    stored: tuple = ()  # per input: as FrozenParams.stored
 
 
 ELASTIC_TYPES = (ElasticConv2d, ElasticLinear, ElasticWeightless)
@@ -356,10 +383,11 @@ class ElasticNet(nn.Module):
         weighted = [n for n in self.layer_names if not isinstance(self.layer(n), ElasticWeightless)]
         fixed: tuple[str, ...] = ()
         if space.fixed_bits and weighted:
-            # The quantized ops that feed the last layer directly (its pooling) belong
-            # to the classifier head and stay at the fixed bits with it.
-            head = _feeding_weightless(gm, weighted[-1], set(self.layer_names))
-            fixed = tuple(dict.fromkeys([weighted[0], *head, weighted[-1]]))
+            # First and last layer (EQ-Net), and the weightless ops (residual adds,
+            # pooling): the residual stream stays at the fixed width, low-bit readers
+            # requantize it. Quantizing it at 2-3 bits costs several points of accuracy.
+            weightless = [n for n in self.layer_names if isinstance(self.layer(n), ElasticWeightless)]
+            fixed = tuple(dict.fromkeys([weighted[0], *weightless, weighted[-1]]))
         self.fixed_layers: tuple[str, ...] = fixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -419,14 +447,23 @@ class ElasticNet(nn.Module):
         abits = wbits if abits is None else abits
         return SubnetSpec({n: self.layer_spec(n, form, wbits, abits) for n in self.layer_names})
 
-    def sample(self, rng: random.Random, form: Form | None = None) -> SubnetSpec:
-        """A random subnet: a form of the space (unless given), random bits per layer."""
+    def sample(
+        self,
+        rng: random.Random,
+        form: Form | None = None,
+        wbits: Iterable[int] | None = None,
+        abits: Iterable[int] | None = None,
+    ) -> SubnetSpec:
+        """A random subnet: a form of the space (unless given), random bits per layer,
+        drawn from the space's bits (or from the given subset of them, e.g. what a
+        target profile accepts)."""
         form = form or rng.choice(self.space.forms)
+        wpool = tuple(sorted(set(wbits or self.space.wbits) & set(self.space.wbits)))
+        apool = tuple(sorted(set(abits or self.space.abits) & set(self.space.abits)))
+        if not wpool or not apool:
+            raise UserError(f"no bit-width in common with the supernet's space {self.space.wbits}")
         return SubnetSpec(
-            {
-                n: self.layer_spec(n, form, rng.choice(self.space.wbits), rng.choice(self.space.abits))
-                for n in self.layer_names
-            }
+            {n: self.layer_spec(n, form, rng.choice(wpool), rng.choice(apool)) for n in self.layer_names}
         )
 
     def highest(self, form: Form) -> SubnetSpec:
@@ -578,7 +615,7 @@ def convert(model: nn.Module, space: ElasticSpace | None = None) -> ElasticNet:
                 _replace_with_module(gm, node, f"qpool_{node.name}", ElasticAvgPool(space, pool), node.args[:1])
     if n_weighted == 0:
         raise UserError("the model has no Conv2d or Linear layer to quantize")
-    _tie_shared_inputs(gm)
+    _tie_shared_inputs(gm, space.fixed_bits or max(space.abits))
     gm.graph.lint()
     gm.recompile()
     return ElasticNet(gm, space)
@@ -592,7 +629,7 @@ def _replace_with_module(gm: torch.fx.GraphModule, node, name: str, module: nn.M
     gm.graph.erase_node(node)
 
 
-def _tie_shared_inputs(gm: torch.fx.GraphModule) -> None:
+def _tie_shared_inputs(gm: torch.fx.GraphModule, stored_bits: int) -> None:
     """One tensor, one quantizer: when several elastic layers read the same tensor
     (a block output feeding the next conv and the residual add), they share one
     ActQuantizer. A target then quantizes that tensor once, so the producer keeps a
@@ -613,28 +650,13 @@ def _tie_shared_inputs(gm: torch.fx.GraphModule) -> None:
             continue
         first, idx = slots[0]
         shared = first.aq if idx is None else first.aq[idx]
-        for m, i in slots[1:]:
+        for m, i in slots:
             if i is None:
                 m.aq = shared
+                m.stored_bits = stored_bits
             else:
                 m.aq[i] = shared
-
-
-def _feeding_weightless(gm: torch.fx.GraphModule, target: str, elastic: set[str]) -> list[str]:
-    """Weightless elastic layers reached from `target`'s input through non-elastic ops."""
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
-    found, stack, seen = [], [a for a in node.args if _is_tensor_node(a)], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "call_module" and n.target in elastic:
-            if isinstance(gm.get_submodule(n.target), ElasticWeightless):
-                found.append(n.target)
-            continue
-        stack.extend(a for a in n.all_input_nodes)
-    return found
+                m.stored_bits[i] = stored_bits
 
 
 def _set_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:

@@ -144,7 +144,7 @@ def _mark(x: torch.Tensor, key: str | None) -> torch.Tensor:
 
 
 class _XWeighted(nn.Module):
-    def __init__(self, m, weight: torch.Tensor, bias: torch.Tensor, name: str, quantized: bool):
+    def __init__(self, m, weight: torch.Tensor, bias: torch.Tensor, name: str, quantized: bool, stored: bool = False):
         super().__init__()
         from deployq.elastic import ElasticConv2d
 
@@ -154,9 +154,11 @@ class _XWeighted(nn.Module):
         self.register_buffer("weight", weight.detach().float())
         self.register_buffer("bias", bias.detach().float())
         self.keys = (f"{name}.input", f"{name}.weight", f"{name}.bias") if quantized else (None,) * 3
+        # a shared input tensor stored at more bits than this layer reads: requantize
+        self.stored_key = f"{name}.input.stored" if quantized and stored else None
 
     def forward(self, x):
-        x = _mark(x, self.keys[0])
+        x = _mark(_mark(x, self.stored_key), self.keys[0])
         w = _mark(self.weight, self.keys[1])
         b = _mark(self.bias, self.keys[2])
         if self.is_conv:
@@ -167,13 +169,15 @@ class _XWeighted(nn.Module):
 class _XWeightless(nn.Module):
     """A weightless quantized op (residual add, average pool): marked inputs, float op."""
 
-    def __init__(self, name: str, n_inputs: int, op: nn.Module, quantized: bool):
+    def __init__(self, name: str, n_inputs: int, op: nn.Module, quantized: bool, stored=()):
         super().__init__()
         self.op = op
         self.keys = tuple(f"{name}.input{i}" if quantized else None for i in range(n_inputs))
+        stored = tuple(stored) or (False,) * n_inputs
+        self.stored_keys = tuple(f"{k}.stored" if k and st else None for k, st in zip(self.keys, stored))
 
     def forward(self, *xs):
-        return self.op(*(_mark(x, k) for x, k in zip(xs, self.keys)))
+        return self.op(*(_mark(_mark(x, sk), k) for x, k, sk in zip(xs, self.keys, self.stored_keys)))
 
 
 def _dequantized_weight(p) -> torch.Tensor:
@@ -192,13 +196,14 @@ def _export_module(net, frozen: dict | None) -> nn.Module:
     replacements: dict[str, nn.Module] = {}
     for name, m in net.layers():
         if isinstance(m, ElasticWeightless):
-            replacements[name] = _XWeightless(name, len(m.aq), copy.deepcopy(m.op), frozen is not None)
+            stored = [st is not None for st in frozen[name].stored] if frozen is not None else ()
+            replacements[name] = _XWeightless(name, len(m.aq), copy.deepcopy(m.op), frozen is not None, stored)
         elif frozen is None:
             replacements[name] = _XWeighted(m, m.weight, m.bias, name, False)
         else:
             p = frozen[name]
             bias = p.bias_int.to(torch.float32) * p.bias_scale  # what the int32 accumulator adds
-            replacements[name] = _XWeighted(m, _dequantized_weight(p), bias, name, True)
+            replacements[name] = _XWeighted(m, _dequantized_weight(p), bias, name, True, p.stored is not None)
     # Copy the graph module with the elastic layers swapped for their export modules
     # (the memo makes deepcopy use the replacement instead of copying the supernet's cells).
     memo = {id(net.layer(name)): new for name, new in replacements.items()}
@@ -249,8 +254,14 @@ def _plan(frozen: dict, profile: Profile) -> _Lowering:
         if isinstance(p, FrozenAddParams):
             for i, (s, z) in enumerate(p.act):
                 low.acts[f"{name}.input{i}"] = (p.spec.act, _f32(s), int(z.reshape(-1)[0]))
+                if i < len(p.stored) and p.stored[i] is not None:
+                    st_spec, st_s, st_z = p.stored[i]
+                    low.acts[f"{name}.input{i}.stored"] = (st_spec, _f32(st_s), int(st_z.reshape(-1)[0]))
             continue
         low.acts[f"{name}.input"] = (p.spec.act, _f32(p.act_scale), int(p.act_zero_point.reshape(-1)[0]))
+        if p.stored is not None:
+            st_spec, st_s, st_z = p.stored
+            low.acts[f"{name}.input.stored"] = (st_spec, _f32(st_s), int(st_z.reshape(-1)[0]))
         ws = p.spec.weight
         scale = p.weight_scale.detach().float().numpy().reshape(-1).astype(np.float32)
         zp = p.weight_zero_point.detach().numpy().reshape(-1).astype(np.int64)

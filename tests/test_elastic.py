@@ -125,6 +125,14 @@ def _qdq(x, scale, zp, spec):
     return dequantize(quantize(x, scale, zp, spec.qmin, spec.qmax), scale, zp)
 
 
+def _stored(x, stored):
+    """A shared tensor is first quantized as stored, then requantized by its reader."""
+    if stored is None:
+        return x
+    spec, s, z = stored
+    return _qdq(x, s, z, spec)
+
+
 FORMS = [Form(pc, ws, False) for pc in (False, True) for ws in (False, True)] + [Form(True, True, True, True)]
 
 
@@ -143,9 +151,10 @@ def test_freeze_integers_reproduce_the_elastic_forward_exactly(form, bits, depth
     for name, m in net.layers():
         p = frozen[name]
         if isinstance(m, ElasticWeightless):
-            got = m.op(*(_qdq(x, s, z, p.spec.act) for x, (s, z) in zip(ins[name], p.act)))
+            xs = [_stored(x, st) for x, st in zip(ins[name], p.stored)]
+            got = m.op(*(_qdq(x, s, z, p.spec.act) for x, (s, z) in zip(xs, p.act)))
         else:
-            xq = _qdq(ins[name][0], p.act_scale, p.act_zero_point, p.spec.act)
+            xq = _qdq(_stored(ins[name][0], p.stored), p.act_scale, p.act_zero_point, p.spec.act)
             w = dequantized_weight(p)
             assert int(p.weight_int.min()) >= p.spec.weight.qmin and int(p.weight_int.max()) <= p.spec.weight.qmax
             bias = p.bias_int.to(torch.float32) * p.bias_scale
@@ -160,9 +169,11 @@ def test_fixed_first_and_last_layers(resnet):
     _, net = resnet
     weighted = [n for n, m in net.layers() if not isinstance(m, ElasticWeightless)]
     first, last = weighted[0], weighted[-1]
-    # The head's average pool (the quantized op feeding the classifier) is fixed with it.
-    pools = [n for n, m in net.layers() if isinstance(m, ElasticAvgPool)]
-    assert net.fixed_layers == (first, *pools, last) and len(pools) == 1
+    # The weightless ops (residual adds, the head's pool) carry the residual stream at
+    # the fixed width too.
+    weightless = [n for n, m in net.layers() if isinstance(m, ElasticWeightless)]
+    assert net.fixed_layers == (first, *weightless, last)
+    assert sum(isinstance(net.layer(n), ElasticAvgPool) for n in weightless) == 1
     rng = random.Random(0)
     for spec in [net.uniform_spec(ALL_FORMS[0], 2), net.lowest(Form()), net.sample(rng), net.sample(rng)]:
         for n in (first, last):
