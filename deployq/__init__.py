@@ -6,8 +6,8 @@ tensorrt or CUDA: backends load lazily when first used.
 
 __version__ = "0.1.0"
 
-from deployq.errors import GateFailed, UserError  # noqa: E402
-from deployq.spec import (  # noqa: E402
+from deployq.errors import GateFailed, UserError
+from deployq.spec import (
     ElasticSpace,
     Form,
     LayerSpec,
@@ -16,7 +16,6 @@ from deployq.spec import (  # noqa: E402
 )
 
 __all__ = [
-    "__version__",
     "ElasticSpace",
     "Form",
     "GateFailed",
@@ -24,4 +23,5 @@ __all__ = [
     "QuantSpec",
     "SubnetSpec",
     "UserError",
+    "__version__",
 ]

@@ -585,7 +585,7 @@ def convert(model: nn.Module, space: ElasticSpace | None = None) -> ElasticNet:
     model = copy.deepcopy(model).eval()
     try:
         gm = fuse(model)  # symbolic trace + fold Conv2d->BatchNorm2d (eval statistics)
-    except Exception as e:  # fx raises many types for untraceable code
+    except Exception as e:  # noqa: BLE001 - fx raises many types for untraceable code
         raise UserError(f"cannot trace the model with torch.fx ({type(e).__name__}: {e})") from None
     leftover = [n for n, m in gm.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if leftover:
@@ -609,10 +609,15 @@ def convert(model: nn.Module, space: ElasticSpace | None = None) -> ElasticNet:
             args = node.args
             if len(args) == 2 and all(_is_tensor_node(a) for a in args) and not node.kwargs:
                 _replace_with_module(gm, node, f"qadd_{node.name}", ElasticAdd(space), args)
-        elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-            if _is_tensor_node(node.args[0]) and len(node.args) == 2 and not node.kwargs:
-                pool = nn.AdaptiveAvgPool2d(node.args[1])
-                _replace_with_module(gm, node, f"qpool_{node.name}", ElasticAvgPool(space, pool), node.args[:1])
+        elif (
+            node.op == "call_function"
+            and node.target is F.adaptive_avg_pool2d
+            and _is_tensor_node(node.args[0])
+            and len(node.args) == 2
+            and not node.kwargs
+        ):
+            pool = nn.AdaptiveAvgPool2d(node.args[1])
+            _replace_with_module(gm, node, f"qpool_{node.name}", ElasticAvgPool(space, pool), node.args[:1])
     if n_weighted == 0:
         raise UserError("the model has no Conv2d or Linear layer to quantize")
     _tie_shared_inputs(gm, space.fixed_bits or max(space.abits))
@@ -674,10 +679,10 @@ __all__ = [
     "ActQuantizer",
     "ElasticAdd",
     "ElasticAvgPool",
-    "ElasticWeightless",
     "ElasticConv2d",
     "ElasticLinear",
     "ElasticNet",
+    "ElasticWeightless",
     "FrozenAddParams",
     "FrozenParams",
     "WeightQuantizer",

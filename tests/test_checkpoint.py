@@ -11,14 +11,6 @@ from deployq.models import build_model
 from deployq.spec import ElasticSpace, Form
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class PickledThing:
     """Any pickled object: weights_only loading must refuse it."""
 

@@ -8,9 +8,9 @@ from torch import nn
 from deployq.elastic import (
     ElasticAdd,
     ElasticAvgPool,
-    ElasticWeightless,
     ElasticConv2d,
     ElasticLinear,
+    ElasticWeightless,
     convert,
     dequantized_weight,
 )
@@ -18,15 +18,6 @@ from deployq.errors import UserError
 from deployq.models import build_model
 from deployq.quant import dequantize, quantize
 from deployq.spec import ALL_FORMS, ElasticSpace, Form, LayerSpec, QuantSpec, SubnetSpec
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds contention on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Tiny(nn.Module):

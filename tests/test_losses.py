@@ -5,15 +5,6 @@ import torch.nn.functional as F
 from deployq.losses import distill_kl, gpg_loss, grad_l1, standardized_moments, wdr_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds contention on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_wdr_near_zero_for_uniform_and_positive_for_skewed():
     g = torch.Generator().manual_seed(0)
     uniform = [torch.rand(50000, generator=g) * 2 - 1 for _ in range(3)]

@@ -17,15 +17,6 @@ from deployq.quant import (
 )
 from deployq.spec import QuantSpec, act_spec, weight_spec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second intra-op thread only adds contention on a busy 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SPECS = [
     weight_spec(b, pc, sym) for b in (2, 3, 4, 8) for pc in (False, True) for sym in (False, True)
 ] + [act_spec(b, sym, signed) for b in (2, 4, 8) for sym, signed in ((False, False), (True, False), (True, True))]

@@ -83,11 +83,12 @@ genes_st = st.lists(st.sampled_from([2, 3, 4, 8]), min_size=GSPACE.size, max_siz
 def test_layout_of_tiny_net():
     names = [li.name for li in LAYOUT.layers]
     assert names[0] == "c1" and names[-1] == "fc" and len(names) == 5
-    assert [li.fixed for li in LAYOUT.layers] == [True, False, False, False, True]
+    # first, last, and the weightless add (the residual stream) are fixed
+    assert [li.fixed for li in LAYOUT.layers] == [True, False, True, False, True]
     assert [li.weighted for li in LAYOUT.layers] == [True, True, False, True, True]
     # MACs per image by hand: out elements x filter size.
     assert [li.macs for li in LAYOUT.layers] == [4 * 64 * 27, 4 * 64 * 36, 0, 8 * 16 * 4, 5 * 8]
-    assert GSPACE.w_layers == ("c2", "c3") and len(GSPACE.a_layers) == 3
+    assert GSPACE.w_layers == ("c2", "c3") and len(GSPACE.a_layers) == 2
 
 
 @given(genes_st)
@@ -139,8 +140,9 @@ def test_size_bytes_by_hand():
     )
     assert size_bytes(LAYOUT, spec) == expected == 312
     assert avg_wbits(LAYOUT, spec) == (8 + 4 + 2 + 8) / 4
-    assert avg_abits(LAYOUT, spec) == (8 + 3 + 3 + 3 + 8) / 5
-    assert avg_bits(LAYOUT, spec) == (8 + 4 + 2 + 8 + 8 + 3 + 3 + 3 + 8) / 9
+    # averages over weighted layers (weights and their inputs); the add is not a choice
+    assert avg_abits(LAYOUT, spec) == (8 + 3 + 3 + 8) / 4
+    assert avg_bits(LAYOUT, spec) == (8 + 4 + 2 + 8 + 8 + 3 + 3 + 8) / 8
     assert bitops(LAYOUT, spec) == 6912 * 64 + 9216 * 12 + 512 * 6 + 40 * 64
 
 
@@ -200,16 +202,14 @@ def test_parse_budget_errors(text, message):
 
 
 def test_infeasible_budget_names_cheapest_cost():
-    # cheapest: c2/c3 weights 2, acts 2, c1/fc 8 -> (8+2+2+8 + 8+2+2+2+8) / 9
+    # cheapest: c2/c3 weights 2, acts 2, c1/fc 8 -> (8+2+2+8 + 8+2+2+8) / 8
     with pytest.raises(UserError) as e:
         check_feasible(parse_budget("avg-bits=3"), LAYOUT, (2, 3), (2, 3))
     assert str(e.value) == (
-        "budget avg-bits=3 cannot be met: the cheapest configuration costs 4.67 "
+        "budget avg-bits=3 cannot be met: the cheapest configuration costs 5.00 "
         "(first/last layers fixed at 8 bits)"
     )
-    assert check_feasible(parse_budget("avg-bits=4.7"), LAYOUT, (2, 3), (2, 3)) == pytest.approx(
-        42 / 9
-    )
+    assert check_feasible(parse_budget("avg-bits=5"), LAYOUT, (2, 3), (2, 3)) == pytest.approx(5.0)
 
 
 # --------------------------------------------------------------------------- evolution

@@ -13,15 +13,6 @@ from deployq.checkpoint import load_checkpoint, read_payload
 from deployq.models import build_model
 from deployq.train import TrainConfig, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = ["--input-size", "8", "--width", "4", "--warmup-epochs", "1", "--threads", "1"]
 
 

@@ -1,14 +1,16 @@
 """Cost models of a subnet and the budget a search must meet.
 
 Each cost is a pure function of (layout, spec) -> float; the search receives the one
-the budget names. Costs count every quantized layer, fixed first/last layers included
+the budget names. Costs count every weighted layer, fixed first/last layers included
 (they are deployed too), so the cheapest subnet of a net with 8-bit ends costs more
-than its minimum bit-width.
+than its minimum bit-width. The weightless quantizers (residual adds, pooling) carry
+the residual stream at the fixed width in every subnet: they are not a choice and
+are left out of the averages, as the paper counts layers (weights and their inputs).
 
-- avg-bits:  mean over all weight bit-widths (weighted layers) and all activation
-             bit-widths (every quantizer, residual adds included) -- the paper's measure
+- avg-bits:  mean over the weight bit-widths and the input-activation bit-widths of
+             the weighted layers -- the paper's measure
 - avg-wbits: mean weight bit-width over weighted layers
-- avg-abits: mean activation bit-width over all quantized layers
+- avg-abits: mean input-activation bit-width over weighted layers
 - size:      bytes of weights at their bit-width (numel * bits / 8) plus an int32 bias
              per output channel (scales and zero-points are not counted)
 - bitops:    sum over weighted layers of MACs * weight bits * activation bits (per image)
@@ -30,7 +32,7 @@ Bits = Mapping[str, int]
 
 def _avg_bits(layout: NetLayout, w: Bits, a: Bits) -> float:
     vals = [w[li.name] for li in layout.layers if li.weighted] + [
-        a[li.name] for li in layout.layers
+        a[li.name] for li in layout.layers if li.weighted
     ]
     return sum(vals) / len(vals)
 
@@ -41,7 +43,8 @@ def _avg_wbits(layout: NetLayout, w: Bits, a: Bits) -> float:
 
 
 def _avg_abits(layout: NetLayout, w: Bits, a: Bits) -> float:
-    return sum(a[li.name] for li in layout.layers) / len(layout.layers)
+    vals = [a[li.name] for li in layout.layers if li.weighted]
+    return sum(vals) / len(vals)
 
 
 def _size_bytes(layout: NetLayout, w: Bits, a: Bits) -> float:
