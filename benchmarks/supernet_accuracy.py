@@ -140,6 +140,7 @@ def run_setting(title: str, size: int, width: int, args, tmp: Path) -> None:
         final_eval=False,
         threads=1,
         seed=args.seed,
+        calibration=args.calibration,
     )
     say = _Printer(True)
     data = _load_data(base)
@@ -223,6 +224,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=TrainConfig.lr_weights)
     ap.add_argument("--lr-quant", type=float, default=TrainConfig.lr_quant)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calibration", default=TrainConfig.calibration, help="search | minmax | hybrid")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
     ap.add_argument("--verbose", action="store_true")
