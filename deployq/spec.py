@@ -263,7 +263,7 @@ class ElasticSpace:
     wbits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     abits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
     forms: tuple[Form, ...] = ALL_FORMS
-    fixed_bits: int | None = 8  # first and last layer bit-width; None = elastic too
+    fixed_bits: int | None = 8  # first, last layer and residual stream (adds, pools); None = elastic
 
     def __post_init__(self) -> None:
         for b in (*self.wbits, *self.abits):
