@@ -66,10 +66,14 @@ def register(app: typer.Typer) -> None:
         ] = "2-8",
         abits: Annotated[str, typer.Option(help="Activation bit-widths of the space.")] = "2-8",
         fixed_bits: Annotated[
-            int, typer.Option(help="Bit-width of the first and last layer and of the residual stream.")
+            int,
+            typer.Option(help="Bit-width of the first and last layer and of the residual stream."),
         ] = 8,
         no_fixed: Annotated[
-            bool, typer.Option("--no-fixed", help="Make the first/last layer and the residual stream elastic too.")
+            bool,
+            typer.Option(
+                "--no-fixed", help="Make the first/last layer and the residual stream elastic too."
+            ),
         ] = False,
         no_wdr: Annotated[
             bool, typer.Option("--no-wdr", help="Ablation: no weight-distribution regularisation.")
