@@ -4,8 +4,12 @@
 BatchNorm into the conv before it (so what is trained is what a target runs:
 per-tensor weight scales do not survive folding BN afterwards), swaps Conv2d /
 Linear for elastic layers that quantize their weight and their input, and
-replaces residual adds by `ElasticAdd`, which quantizes both of its inputs (the
-Q/DQ a target places on residual Add inputs; learning them beats calibrating).
+replaces residual adds and average pools by weightless elastic ops that quantize
+their inputs (the Q/DQ a target places there; learning them beats calibrating).
+
+One tensor, one quantizer: layers that read the same tensor share its quantizer,
+the tensor is stored once at the fixed width (the residual stream), and a reader
+that wants fewer bits requantizes it. Weightless ops stay at the fixed width.
 
 Every quantizer keeps one learned step size (and, when asymmetric, one learned
 zero-point) per cell: weights per (bits, granularity, symmetry), activations per
