@@ -38,7 +38,7 @@ from deployq import encodings as enc_mod
 from deployq import onnx_meta
 from deployq.checkpoint import Checkpoint
 from deployq.errors import UserError
-from deployq.fileio import check_writable, write_bytes, write_text
+from deployq.fileio import check_writable, read_user_text, write_bytes, write_text
 from deployq.profile import ACT, WEIGHT, Profile
 from deployq.qdq import act_clamp, to_container
 from deployq.spec import PER_CHANNEL, QuantSpec, SubnetSpec, check_bits
@@ -92,14 +92,7 @@ def subnet_from_args(
     if ways != 1:
         raise UserError("choose the subnet with exactly one of --bits, --wbits/--abits or --config")
     if config_path is not None:
-        p = Path(config_path)
-        if not p.is_file():
-            raise UserError(f"subnet config {str(p)!r} does not exist")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read subnet config {str(p)!r}: {e}") from None
-        return SubnetSpec.from_json(text)
+        return SubnetSpec.from_json(read_user_text(config_path, "subnet config"))
     if bits is not None:
         wbits = abits = bits
     if wbits is None or abits is None:

@@ -41,6 +41,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """A text file the user named (config, profile, report), or one clear UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {str(p)!r} does not exist")
+    try:
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {str(p)!r}: {e}") from None
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

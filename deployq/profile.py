@@ -30,6 +30,7 @@ from pathlib import Path
 import tomllib
 
 from deployq.errors import UserError
+from deployq.fileio import read_user_text
 from deployq.spec import GRANULARITIES, PER_CHANNEL, Form, QuantSpec, SubnetSpec, check_bits
 
 CONTAINERS = ("int8", "uint8")
@@ -375,11 +376,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise UserError(f"profile file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read profile {path}: {e}") from None
-        return _parse(text, str(path))
+        return _parse(read_user_text(path, "profile file"), str(path))
     raise UserError(
         f"unknown profile '{key}'; choose from {', '.join(sorted(shipped))} or pass a .toml path"
     )

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deployq.errors import UserError
-from deployq.fileio import check_writable, write_text
+from deployq.fileio import check_writable, read_user_text, write_text
 
 ELASTIC_SCHEMA = "deployq.ElasticTable"
 ELASTIC_VERSION = 1
@@ -245,13 +245,9 @@ def _bits_from_onnx(path: Path) -> str | None:
 
 
 def _read_json(path: str | os.PathLike) -> dict:
+    text = read_user_text(path, "file")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {str(path)!r}: {e}") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{str(path)!r} is not JSON: {e}") from None
 
