@@ -22,6 +22,7 @@ The verbs take typed specs: `set_active(SubnetSpec | None)` (None = float),
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import operator
 import random
@@ -38,11 +39,10 @@ from deployq.errors import UserError
 from deployq.quant import (
     channel_view,
     dequantize,
-    fake_quant,
+    fake_quant_learned,
     init_qparams,
     lsq_grad_factor,
     quantize,
-    round_ste,
 )
 from deployq.spec import ElasticSpace, Form, LayerSpec, QuantSpec, SubnetSpec
 
@@ -99,13 +99,26 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return self.quantize_with_scale(w, spec)[0]
 
+    def _cell(self, spec: QuantSpec, numel: int):
+        # The per-spec lookups (ModuleDict, ParameterList, bits index) cost more than the
+        # quantization of a small weight; they are resolved once. The Parameters are the
+        # same objects for the module's life (load_state_dict and .to() copy into them).
+        key = (spec, numel)
+        hit = self.__dict__.setdefault("_cells", {}).get(key)
+        if hit is None:
+            i = self._index(spec)
+            cell = weight_cell(spec)
+            raw_s = self.scale[cell][i]
+            raw_z = None if spec.symmetric else self.zero_point[cell][i]  # None: skip all z work
+            g = lsq_grad_factor(spec.qmax, numel // raw_s.numel())
+            hit = self._cells[key] = (raw_s, raw_z, g)
+        return hit
+
     def quantize_with_scale(self, w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fake-quantized w, its scale [C] or [1]): the layer needs the scale for the bias."""
-        scale, zp = self.qparams(spec)
-        per_scale = w.numel() // scale.numel()
-        g = lsq_grad_factor(spec.qmax, per_scale)
-        zp = None if spec.symmetric else channel_view(zp, w.ndim, 0)  # None: skip all z work
-        return fake_quant(w, channel_view(scale, w.ndim, 0), zp, spec.qmin, spec.qmax, g), scale
+        """(fake-quantized w, its scale [C] or [1]): the layer needs the scale for the bias.
+        The scale is detached (the bias uses it as a constant)."""
+        raw_s, raw_z, g = self._cell(spec, w.numel())
+        return fake_quant_learned(w, raw_s, raw_z, spec.qmin, spec.qmax, g, MIN_SCALE, axis=0)
 
     @torch.no_grad()
     def calibrate(self, w: torch.Tensor, forms: Iterable[tuple[bool, bool]], method: str = "search") -> None:
@@ -157,12 +170,55 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return self.quantize_with_scale(x, spec)[0]
 
+    def is_signed(self) -> bool:
+        return self._cells()[0]
+
+    def _cells(self) -> tuple[bool, dict]:
+        # (signed_input as a bool, per-spec cache), rebuilt whenever the buffer is written
+        # (calibrate, load_state_dict): keyed by the buffer's identity and version counter,
+        # so a forward reads no tensor value (no host sync) and does no per-spec lookups.
+        buf = self.signed_input
+        key = (id(buf), buf._version)
+        c = self.__dict__.get("_cell_cache")
+        if c is None or c[0] != key:
+            c = self.__dict__["_cell_cache"] = (key, bool(buf), {})
+        return c[1], c[2]
+
+    def _cell(self, spec: QuantSpec):
+        signed, cache = self._cells()
+        hit = cache.get(spec)
+        if hit is None:
+            i = self._index(spec)
+            kind = act_kind(spec)
+            raw_z, zero_offset = None, False
+            if kind == "asym":
+                # as qparams: the learned zero-point only for signed inputs, else a fixed 0
+                if signed:
+                    raw_z = self.zero_point[i]
+                else:
+                    zero_offset = True
+            hit = cache[spec] = (self.scale[kind][i], raw_z, zero_offset)
+        return hit
+
     def quantize_with_scale(self, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fake-quantized x, its scale [1], detached). Within one ElasticNet forward, a
+        tensor this quantizer already quantized at this spec (a tensor several layers
+        read) is not quantized again: the same output is returned, so autograd sums the
+        readers' gradients and runs one backward."""
         if self._record is not None:
             self._record.append(_subsample(x))
-        scale, zp = self.qparams(spec)
+        memo = _FORWARD_MEMO.get()
+        if memo is not None:
+            key = (id(self), id(x), x._version, spec, torch.is_grad_enabled())
+            hit = memo.get(key)
+            if hit is not None and hit[0] is x:
+                return hit[1]
+        raw_s, raw_z, zero_offset = self._cell(spec)
         g = lsq_grad_factor(spec.qmax, x.numel())
-        return fake_quant(x, scale, None if spec.symmetric else zp, spec.qmin, spec.qmax, g), scale
+        out = fake_quant_learned(x, raw_s, raw_z, spec.qmin, spec.qmax, g, MIN_SCALE, None, zero_offset)
+        if memo is not None:
+            memo[key] = (x, out)  # x kept alive: its id stays unique during the forward
+        return out
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, method: str = "search") -> None:
@@ -197,10 +253,27 @@ def _subsample(x: torch.Tensor, n: int = 1 << 14) -> torch.Tensor:
     return flat[::step][:n].clone()
 
 
+# Set by ElasticNet.forward: quantizer outputs of the running forward (see quantize_with_scale).
+_FORWARD_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("deployq_forward_memo", default=None)
+
+
+class _Int32Bias(torch.autograd.Function):
+    # round_ste(bias / s) * s as one autograd node; backward is what autograd takes
+    # through the composite: (g * s) / s.
+    @staticmethod
+    def forward(ctx, bias, s):
+        ctx.save_for_backward(s)
+        return torch.round(bias / s) * s
+
+    @staticmethod
+    def backward(ctx, g):
+        (s,) = ctx.saved_tensors
+        return g * s / s, None
+
+
 def _int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The bias as the int32 accumulator sees it (scale = s_act * s_weight)."""
-    s = scale.detach()
-    return round_ste(bias / s) * s
+    """The bias as the int32 accumulator sees it (scale = s_act * s_weight, a constant)."""
+    return _Int32Bias.apply(bias, scale.detach())
 
 
 def _quant_input(q: ActQuantizer, x: torch.Tensor, act: QuantSpec, stored_bits: int | None):
@@ -395,7 +468,11 @@ class ElasticNet(nn.Module):
         self.fixed_layers: tuple[str, ...] = fixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gm(x)
+        token = _FORWARD_MEMO.set({})
+        try:
+            return self.gm(x)
+        finally:
+            _FORWARD_MEMO.reset(token)
 
     # --- structure -------------------------------------------------------
     def _layer_map(self) -> dict[str, nn.Module]:
@@ -424,7 +501,7 @@ class ElasticNet(nn.Module):
     def input_signed(self, name: str) -> bool:
         m = self.layer(name)
         qs = list(m.aq) if isinstance(m, ElasticWeightless) else [m.aq]
-        return any(bool(q.signed_input) for q in qs)
+        return any(q.is_signed() for q in qs)
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return [p for _, m in self.layers() if not isinstance(m, ElasticWeightless) for p in (m.weight, m.bias)]

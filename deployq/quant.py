@@ -87,6 +87,55 @@ def fake_quant_reference(
     return (q - z) * s
 
 
+def _fq_forward(x, s, z, qmin: int, qmax: int, zero_offset: bool):
+    """(t, out): t the unclamped integer code round(x / s) + z, out the dequantized
+    value. The float ops of `fake_quant_reference` in the same order (so the same bits),
+    two buffers, the rest in place: at training sizes the passes are memory-bound, and a
+    fresh buffer per op also evicts the conv's working set. z is the rounded, clamped
+    zero-point or None; zero_offset adds a zero-point of 0 as the reference does (it turns
+    round()'s -0.0 into +0.0), and then q - 0 is q bit for bit and is skipped."""
+    t = torch.div(x, s).round_()
+    if z is not None:
+        t.add_(z)
+    elif zero_offset:
+        t.add_(0.0)
+    out = t.clamp(qmin, qmax)
+    if z is not None:
+        out.sub_(z)
+    return t, out.mul_(s)
+
+
+def _fq_backward(ctx, g, t, out, x, s, z_mask):
+    """Straight-through / LSQ gradients (see _FakeQuant) w.r.t. x, s (shape of s) and z
+    (shape of s; None unless z_mask is given: 1 where round(z) lies inside the grid).
+    The s term sum(g * (q - z) - inside * g * x/s) is taken as
+    (sum(g * out) - sum(inside * g * x)) / s: equal up to float rounding, and neither
+    x / s nor q - z has to be kept from the forward."""
+    need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx = gs = gz = None
+    # g restricted to the unclamped elements: x's gradient, and the -x/s term of s's
+    gin = None
+    if need_x or need_s or z_mask is not None:
+        gin = torch.ops.aten.hardtanh_backward(g, t, *ctx.bounds)
+    if need_x:
+        gx = gin
+    per_tensor = s.numel() == 1
+    if need_s:
+        if per_tensor:
+            gs = torch.dot(g.reshape(-1), out.reshape(-1)) - torch.dot(gin.reshape(-1), x.reshape(-1))
+            gs = gs.reshape(s.shape)
+        else:
+            gs = (g * out - gin * x).sum_to_size(s.shape)
+        gs = gs / s * ctx.grad_factor
+    if z_mask is not None:
+        if per_tensor:
+            gz = (gin.sum() - g.sum()).reshape(s.shape) * s
+        else:
+            gz = (gin - g).sum_to_size(s.shape) * s
+        gz = gz * z_mask * ctx.grad_factor
+    return gx, gs, gz
+
+
 class _FakeQuant(torch.autograd.Function):
     """Fused fake-quant: the same float ops as `fake_quant_reference` forward, and its
     straight-through / LSQ gradients written out by hand. Autograd through the composite
@@ -98,51 +147,72 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
-        v = x / scale
-        t = torch.round(v)
+        z = zmask = None
         if zero_point is not None:
             zr = torch.round(zero_point)
             z = zr.clamp(qmin, qmax)
-            t.add_(z)
-        q = t.clamp(qmin, qmax)
-        qz = q.sub_(z) if zero_point is not None else q
-        out = qz * scale
+            if ctx.needs_input_grad[2]:
+                zmask = (z == zr).to(z.dtype)  # round(z) inside the grid: z moves
+        t, out = _fq_forward(x, scale, z, qmin, qmax, False)
         needs_s = ctx.needs_input_grad[1]
-        needs_z = zero_point is not None and ctx.needs_input_grad[2]
         # t (the unclamped integer code) is kept instead of a clamp mask: backward gets
         # the mask from hardtanh_backward in one fused pass (bool-mask ops are ~30x slower
         # than float ops on this CPU build).
-        ctx.save_for_backward(t, qz if needs_s else None, v if needs_s else None, scale)
-        ctx.zmask = ((zr >= qmin) & (zr <= qmax)) if needs_z else None
+        ctx.save_for_backward(t, out if needs_s else None, x if needs_s else None, scale, zmask)
         ctx.bounds = (qmin - 0.5, qmax + 0.5)  # t is integer-valued: inclusive clamp range
         ctx.grad_factor = grad_factor
         return out
 
     @staticmethod
     def backward(ctx, g):
-        t, qz, v, scale = ctx.saved_tensors
-        gx = gs = gz = None
-        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # g restricted to the unclamped elements: x's gradient, and the -x/s term of s's
-        gin = None
-        if need_x or need_s or ctx.zmask is not None:
-            gin = torch.ops.aten.hardtanh_backward(g, t, *ctx.bounds)
-        if need_x:
-            gx = gin
-        if need_s:
-            if scale.numel() == 1:
-                gs = torch.dot(g.reshape(-1), qz.reshape(-1)) - torch.dot(gin.reshape(-1), v.reshape(-1))
-                gs = gs.reshape(scale.shape)
-            else:
-                gs = (g * qz - gin * v).sum_to_size(scale.shape)
-            gs = gs * ctx.grad_factor
-        if ctx.zmask is not None:
-            if scale.numel() == 1:
-                gz = (gin.sum() - g.sum()).reshape(scale.shape) * scale
-            else:
-                gz = (gin - g).sum_to_size(scale.shape) * scale
-            gz = gz * ctx.zmask * ctx.grad_factor
+        t, out, x, scale, zmask = ctx.saved_tensors
+        gx, gs, gz = _fq_backward(ctx, g, t, out, x, scale, zmask)
         return gx, gs, gz, None, None, None
+
+
+class _FakeQuantLearned(torch.autograd.Function):
+    """`_FakeQuant` on a quantizer's raw parameters: the step size is |raw| clamped to
+    min_scale, and both it and the zero-point are reshaped to broadcast along `axis`,
+    inside the one autograd node (the separate abs / clamp / view nodes cost more than
+    the math at the supernet's sizes). Returns (out, scale), scale shaped as raw_scale
+    and not differentiable (the int32 bias uses it detached)."""
+
+    @staticmethod
+    def forward(ctx, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset):
+        a = raw_scale.abs()
+        scale = a.clamp(min=min_scale)
+        shape = None
+        if axis is not None and scale.numel() > 1:
+            shape = [1] * x.ndim
+            shape[axis] = -1
+        s = scale if shape is None else scale.view(shape)
+        z = zmask = None
+        if raw_zero_point is not None:
+            zr = torch.round(raw_zero_point if shape is None else raw_zero_point.view(shape))
+            z = zr.clamp(qmin, qmax)
+            if ctx.needs_input_grad[2]:
+                zmask = (z == zr).to(z.dtype)  # round(z) inside the grid: z moves
+        t, out = _fq_forward(x, s, z, qmin, qmax, zero_offset)
+        needs_s = ctx.needs_input_grad[1]
+        ctx.save_for_backward(t, out if needs_s else None, x if needs_s else None, s, zmask,
+                              raw_scale if needs_s else None, a if needs_s else None)
+        ctx.bounds = (qmin - 0.5, qmax + 0.5)
+        ctx.grad_factor = grad_factor
+        ctx.min_scale = min_scale
+        ctx.z_shape = None if raw_zero_point is None else raw_zero_point.shape
+        ctx.mark_non_differentiable(scale)
+        return out, scale
+
+    @staticmethod
+    def backward(ctx, g, _g_scale):
+        t, out, x, s, zmask, raw, a = ctx.saved_tensors
+        gx, gs, gz = _fq_backward(ctx, g, t, out, x, s, zmask)
+        if gs is not None:
+            # through scale = clamp(|raw|, min_scale), as autograd differentiates it
+            gs = torch.where(a >= ctx.min_scale, gs.reshape(raw.shape), 0.0) * raw.sgn()
+        if gz is not None:
+            gz = gz.reshape(ctx.z_shape)
+        return gx, gs, gz, None, None, None, None, None, None
 
 
 def fake_quant(
@@ -161,6 +231,25 @@ def fake_quant(
     Forward is bit-identical to `fake_quant_reference`.
     """
     return _FakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor)
+
+
+def fake_quant_learned(
+    x: torch.Tensor,
+    raw_scale: torch.Tensor,
+    raw_zero_point: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+    min_scale: float,
+    axis: int | None = None,
+    zero_offset: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fake_quant` with step size s = clamp(|raw_scale|, min_scale) and zero-point
+    raw_zero_point, both shaped [C] (per channel along `axis` of x) or [1]; gradients
+    reach raw_scale through abs and clamp exactly as autograd would take them.
+    zero_offset: asymmetric with a fixed zero-point of 0 (raw_zero_point None).
+    Returns (x_hat, s) with s shaped as raw_scale and detached."""
+    return _FakeQuantLearned.apply(x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset)
 
 
 @torch.no_grad()

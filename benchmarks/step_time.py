@@ -1,0 +1,107 @@
+"""Supernet training step time relative to an FP32 step (issue 2's <= 3.5x target).
+
+Both settings of benchmarks/supernet_accuracy.py, with random weights and data (the
+step cost does not depend on what was learned): a plain ResNet-20 (BatchNorm, SGD)
+against its converted supernet in the default training space (`TrainConfig().space`),
+calibrated on random batches, running the GPG sandwich (highest -> random -> lowest).
+Steps are interleaved (FP32, supernet, FP32, ...) so machine load hits both alike;
+medians of `--repeats`, one torch thread, batch 64. Uses `step_times` of
+benchmarks/supernet_accuracy.py so both benchmarks time the same thing.
+
+Run:  python benchmarks/step_time.py [--repeats 21] [--profile 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the sibling benchmark; deployq uninstalled
+
+from supernet_accuracy import step_times
+
+from deployq.elastic import convert
+from deployq.models import build_model
+from deployq.train import TrainConfig, choose_subnets, sandwich_step
+
+SETTINGS = [("16x16 input, width-16 ResNet-20", 16, 16), ("8x8 input (native), width-8 ResNet-20", 8, 8)]
+
+
+def build(size: int, width: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = replace(TrainConfig(), input_size=size, width=width)
+    model = build_model("resnet20", num_classes=10, input_size=size, width=width)
+    # Non-trivial BN statistics, so folding produces ordinary weights and biases.
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(64, 3, size, size))
+    model.eval()
+    net = convert(model, cfg.space)
+    net.calibrate([torch.randn(64, 3, size, size) for _ in range(2)])
+    return model, net, cfg
+
+
+def profile(size: int, width: int, steps: int) -> None:
+    """cProfile of supernet steps (where Python time goes), sorted by own time."""
+    import cProfile
+    import pstats
+    import random
+
+    _, net, cfg = build(size, width)
+    x = torch.randn(cfg.batch_size, 3, size, size)
+    y = torch.randint(0, 10, (cfg.batch_size,))
+    net.train()
+    params = list(net.parameters())
+    opt = torch.optim.Adam(params, lr=0.0)
+
+    def step(i):
+        specs = choose_subnets(net, random.Random(i), cfg)
+        opt.zero_grad(set_to_none=True)
+        sandwich_step(net, net, x, y, specs, cfg)
+        torch.nn.utils.clip_grad_value_(params, 1.0)
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    pr = cProfile.Profile()
+    pr.enable()
+    for i in range(steps):
+        step(10 + i)
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=21, help="interleaved step pairs per setting (median)")
+    ap.add_argument("--only", choices=["16", "8"], help="run one setting")
+    ap.add_argument("--profile", type=int, metavar="SIZE", choices=[16, 8], help="cProfile that setting instead")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.profile:
+        width = {s: w for _, s, w in SETTINGS}[args.profile]
+        profile(args.profile, width, 10)
+        return
+    rows = []
+    for title, size, width in SETTINGS:
+        if args.only and str(size) != args.only:
+            continue
+        model, net, cfg = build(size, width)
+        tf, tq = step_times(model, net, cfg, size, args.repeats)
+        rows.append((title, tf, tq))
+    print(f"Training step, batch {TrainConfig().batch_size}, 1 thread, median of {args.repeats} interleaved pairs:")
+    print()
+    print("| setting | FP32 ms | supernet ms (GPG sandwich) | ratio |")
+    print("|---|---|---|---|")
+    for title, tf, tq in rows:
+        print(f"| {title} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The fused training path (quant.fake_quant_learned, the elastic layers' cached cells,
+the per-forward memo of tied quantizers, the one-node int32 bias) against the composite
+autograd definitions it replaces: forward bit for bit, gradients to float rounding."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deployq.elastic import MIN_SCALE, ElasticConv2d, convert
+from deployq.models import build_model
+from deployq.quant import (
+    channel_view,
+    fake_quant,
+    fake_quant_learned,
+    fake_quant_reference,
+    round_ste,
+)
+from deployq.spec import ElasticSpace, QuantSpec, act_spec, weight_spec
+
+SPECS = [weight_spec(b, pc, sym) for b in (2, 3, 8) for pc in (False, True) for sym in (False, True)] + [
+    act_spec(b, sym, signed) for b in (2, 8) for sym, signed in ((False, False), (True, True))
+]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _raw(spec: QuantSpec, c: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    n = c if spec.per_channel else 1
+    raw_s = (torch.rand(n, generator=g) * 0.4 + 0.01) * torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
+    raw_s[torch.rand(n, generator=g) < 0.15] = 1e-9  # below MIN_SCALE: clamped, no gradient
+    raw_z = torch.randint(spec.qmin - 1, spec.qmax + 2, (n,), generator=g).float() + 0.3  # some off-grid
+    return raw_s, raw_z
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(0, len(SPECS) - 1), gf=st.sampled_from([1.0, 0.3]),
+       zero_offset=st.booleans())
+def test_learned_fake_quant_matches_the_composite_through_abs_and_clamp(seed, k, gf, zero_offset):
+    spec = SPECS[k]
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(6, 5, 3, 3, generator=g) * 2.0
+    gout = torch.randn(x0.shape, generator=g)
+    s0, z0 = _raw(spec, x0.shape[0], seed)
+    learned_z = not spec.symmetric and not zero_offset
+
+    x, s, z = (t.clone().requires_grad_() for t in (x0, s0, z0))
+    out, scale = fake_quant_learned(x, s, z if learned_z else None, spec.qmin, spec.qmax, gf, MIN_SCALE,
+                                    axis=0 if spec.per_channel else None,
+                                    zero_offset=zero_offset and not spec.symmetric)
+    out.backward(gout)
+
+    xr, sr, zr = (t.clone().requires_grad_() for t in (x0, s0, z0))
+    sv = sr.abs().clamp(min=MIN_SCALE)
+    assert torch.equal(_bits(scale), _bits(sv.detach())) and not scale.requires_grad
+    zarg = zr if learned_z else torch.zeros_like(z0)
+    if spec.per_channel:
+        sv, zarg = channel_view(sv, 4, 0), channel_view(zarg, 4, 0)
+    ref = fake_quant_reference(xr, sv, zarg, spec.qmin, spec.qmax, gf)
+    ref.backward(gout)
+
+    assert torch.equal(out, ref)
+    # bit for bit (signs of zeros included) with the plain fused op the layers used before,
+    # which skips the zero-point of symmetric grids
+    plain = fake_quant(x0, sv.detach(), None if spec.symmetric else zarg.detach(), spec.qmin, spec.qmax)
+    assert torch.equal(_bits(out), _bits(plain))
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, sr.grad, rtol=1e-4, atol=1e-4)
+    if learned_z:
+        torch.testing.assert_close(z.grad, zr.grad, rtol=1e-4, atol=1e-4)
+    else:
+        assert z.grad is None
+
+
+def _net(seed: int = 0, size: int = 8):
+    torch.manual_seed(seed)
+    model = build_model("resnet20", num_classes=10, input_size=size, width=4).eval()
+    net = convert(model, ElasticSpace())
+    g = torch.Generator().manual_seed(seed)
+    net.calibrate([torch.randn(16, 3, size, size, generator=g)])
+    with torch.no_grad():  # off-grid zero-points, negative step sizes
+        for n, p in net.named_parameters():
+            if ".zero_point." in n:
+                p.add_(torch.rand(p.shape, generator=g) - 0.5)
+            elif ".scale." in n:
+                p.mul_(torch.where(torch.rand(p.shape, generator=g) < 0.3, -1.0, 1.0))
+    return net
+
+
+def _grads(net) -> dict[str, torch.Tensor | None]:
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in net.named_parameters()}
+
+
+def test_memo_of_tied_quantizers_changes_no_value():
+    """ElasticNet.forward quantizes a tensor several layers read once; the bare graph
+    module (no memo) quantizes it per reader. Same outputs, same gradients."""
+    net = _net()
+    net.train()
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 10
+    for i in range(4):
+        spec = net.sample(random.Random(i)) if i else net.lowest(net.space.forms[0])
+        net.set_active(spec)
+        res = []
+        for f in (net, net.gm):
+            net.zero_grad(set_to_none=True)
+            out = f(x)
+            F.cross_entropy(out, y).backward()
+            res.append((out.detach(), _grads(net)))
+        (o1, g1), (o2, g2) = res
+        assert torch.equal(_bits(o1), _bits(o2))
+        for n in g1:
+            assert (g1[n] is None) == (g2[n] is None), n
+            if g1[n] is not None:
+                torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", [0, 3])
+def test_elastic_conv_equals_the_composite_layer(form):
+    """One elastic conv against quantize(input), quantize(weight) and the int32 bias
+    written with autograd ops on the quantizers' qparams."""
+    net = _net(seed=2)
+    name, m = next((n, m) for n, m in net.layers() if isinstance(m, ElasticConv2d) and n not in net.fixed_layers and m.stored_bits is None)
+    f = net.space.forms[form]
+    spec = net.layer_spec(name, f, 3, 4)
+    x0 = torch.randn(4, m.weight.shape[1], 8, 8, generator=torch.Generator().manual_seed(3))
+    gout = None
+    res = []
+    for composite in (False, True):
+        m.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        if composite:
+            s_a, z_a = m.aq.qparams(spec.act)
+            s_w, z_w = m.wq.qparams(spec.weight)
+            xq = fake_quant_reference(x, s_a, z_a, spec.act.qmin, spec.act.qmax, 1.0)
+            wq = fake_quant_reference(m.weight, channel_view(s_w, 4, 0), channel_view(z_w, 4, 0),
+                                      spec.weight.qmin, spec.weight.qmax, 1.0)
+            s = (s_a * s_w).detach()
+            out = F.conv2d(xq, wq, round_ste(m.bias / s) * s, m.stride, m.padding)
+        else:
+            m.active = spec
+            out = m(x)
+        if gout is None:
+            gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+        out.backward(gout)
+        res.append((out.detach(), x.grad, m.weight.grad, m.bias.grad))
+    m.active = None
+    for a, b in zip(*res):
+        assert a is not None and b is not None
+    assert torch.equal(res[0][0], res[1][0])
+    for a, b in zip(res[0][1:], res[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_cells_follow_a_loaded_state_dict():
+    """The layers cache which zero-point an activation uses (signed inputs only); loading
+    another supernet's calibration must not reuse the stale choice."""
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    a, b = _net(seed=0), _net(seed=0)
+    for q in (m.aq for _, m in b.layers() if hasattr(m.aq, "signed_input")):
+        q.signed_input.fill_(False)  # b believes every input is non-negative
+    b.set_active(b.uniform_spec(b.space.forms[1], 4))  # asymmetric activations
+    with torch.no_grad():
+        b(x)  # fills the caches
+        b.load_state_dict(a.state_dict())
+        spec = a.uniform_spec(a.space.forms[1], 4)
+        a.set_active(spec)
+        b.set_active(spec)
+        assert torch.equal(_bits(a(x)), _bits(b(x)))
