@@ -37,6 +37,7 @@ from torch.fx.experimental.optimization import fuse
 
 from deployq.errors import UserError
 from deployq.quant import (
+    LearnedFQ,
     channel_view,
     dequantize,
     fake_quant_learned,
@@ -146,7 +147,6 @@ class ActQuantizer(nn.Module):
         # Whether calibration saw negative inputs: decides which symmetric kind fits.
         self.register_buffer("signed_input", torch.tensor(True))
         self.register_buffer("calibrated", torch.tensor(False))
-        self._record: list[torch.Tensor] | None = None
 
     def _index(self, spec: QuantSpec) -> int:
         try:
@@ -205,8 +205,6 @@ class ActQuantizer(nn.Module):
         tensor this quantizer already quantized at this spec (a tensor several layers
         read) is not quantized again: the same output is returned, so autograd sums the
         readers' gradients and runs one backward."""
-        if self._record is not None:
-            self._record.append(_subsample(x))
         memo = _FORWARD_MEMO.get()
         if memo is not None:
             key = (id(self), id(x), x._version, spec, torch.is_grad_enabled())
@@ -271,6 +269,79 @@ class _Int32Bias(torch.autograd.Function):
         return g * s / s, None
 
 
+def _quant_conv_composite(x, weight, bias, a_s, a_z, w_s, w_z, s_a, act, wcfg, conv):
+    """_QuantConv's forward with one autograd node per step (its double backward)."""
+    if act is not None:
+        x, s_a = fake_quant_learned(x, a_s, a_z, act[0], act[1], act[2], MIN_SCALE, None, act[3])
+    w, s_w = fake_quant_learned(weight, w_s, w_z, wcfg[0], wcfg[1], wcfg[2], MIN_SCALE, axis=0)
+    return F.conv2d(x, w, _int32_bias(bias, s_a * s_w), *conv)
+
+
+class _QuantConv(torch.autograd.Function):
+    """An elastic conv as one autograd node: fake-quantize the input (unless `act` is
+    None: x is quantized already and s_a is its scale), fake-quantize the weight, the
+    int32 bias, the conv. The same float ops as the composite (_quant_conv_composite), so
+    the same forward bits; backward calls the conv's own backward op and the hand-written
+    fake-quant gradients. At the supernet's sizes the Python and autograd bookkeeping of
+    the ~10 separate nodes cost as much as the conv.
+
+    act: (qmin, qmax, LSQ factor, zero_offset); wcfg: (qmin, qmax, LSQ factor);
+    conv: (stride, padding, dilation, groups)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_s, a_z, w_s, w_z, s_a, act, wcfg, conv):
+        nig = ctx.needs_input_grad
+        afq = None
+        xq = x
+        if act is not None:
+            afq = LearnedFQ()
+            xq, s_a = afq.forward(x, a_s, a_z, act[0], act[1], act[2], MIN_SCALE, None, act[3], nig[4])
+        wfq = LearnedFQ()
+        wq, s_w = wfq.forward(weight, w_s, w_z, wcfg[0], wcfg[1], wcfg[2], MIN_SCALE, 0, False, nig[6])
+        sb = s_a * s_w
+        y = F.conv2d(xq, wq, torch.round(bias / sb) * sb, *conv)
+        ctx.save_for_backward(x, weight, bias, a_s, a_z, w_s, w_z, s_a)
+        ctx.afq, ctx.wfq, ctx.xq, ctx.wq, ctx.sb = afq, wfq, xq, wq, sb
+        ctx.cfg = (act, wcfg, conv)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, a_s, a_z, w_s, w_z, s_a = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        act, wcfg, conv = ctx.cfg
+        if torch.is_grad_enabled():
+            # create_graph (grad-l1): differentiate the composite so that second-order
+            # terms (through the quantized input and weight) are kept exactly as before.
+            ins = (x, weight, bias, a_s, a_z, w_s, w_z)
+            idx = [i for i in range(7) if nig[i]]
+            with torch.enable_grad():
+                y = _quant_conv_composite(x, weight, bias, a_s, a_z, w_s, w_z, s_a, act, wcfg, conv)
+            got = torch.autograd.grad(y, [ins[i] for i in idx], gy, create_graph=True, allow_unused=True)
+            grads = [None] * 7
+            for i, g in zip(idx, got):
+                grads[i] = g
+            return (*grads, None, None, None, None)
+        afq, wfq, xq, wq, sb = ctx.afq, ctx.wfq, ctx.xq, ctx.wq, ctx.sb
+        need_xq = nig[0] or (act is not None and (nig[3] or nig[4]))
+        need_wq = nig[1] or nig[5] or nig[6]
+        stride, padding, dilation, groups = conv
+        gxq, gwq, gb = torch.ops.aten.convolution_backward(
+            gy, xq, wq, [wq.shape[0]], stride, padding, dilation, False, [0] * len(padding), groups,
+            [need_xq, need_wq, nig[2]],
+        )
+        gbias = gb * sb / sb if nig[2] else None  # autograd's order through round_ste(b/s)*s
+        gx = g_as = g_az = None
+        if act is None:
+            gx = gxq
+        elif need_xq:
+            gx, g_as, g_az = afq.backward(gxq, xq, x, a_s, nig[0], nig[3])
+        gw = g_ws = g_wz = None
+        if need_wq:
+            gw, g_ws, g_wz = wfq.backward(gwq, wq, weight, w_s, nig[1], nig[5])
+        return gx, gw, gbias, g_as, g_az, g_ws, g_wz, None, None, None, None
+
+
 def _int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The bias as the int32 accumulator sees it (scale = s_act * s_weight, a constant)."""
     return _Int32Bias.apply(bias, scale.detach())
@@ -312,13 +383,30 @@ class _ElasticWeighted(nn.Module):
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _fused_args(self) -> tuple | None:
+        """(stride, padding, dilation, groups) when the layer runs as one _QuantConv node."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.active
         if spec is None:
             return self._op(x, self.weight, self.bias)
-        xq, s_a = _quant_input(self.aq, x, spec.act, self.stored_bits)
-        wq, s_w = self.wq.quantize_with_scale(self.weight, spec.weight)
-        return self._op(xq, wq, _int32_bias(self.bias, s_a * s_w))
+        conv = self._fused_args()
+        if conv is None:
+            xq, s_a = _quant_input(self.aq, x, spec.act, self.stored_bits)
+            wq, s_w = self.wq.quantize_with_scale(self.weight, spec.weight)
+            return self._op(xq, wq, _int32_bias(self.bias, s_a * s_w))
+        if self.stored_bits is not None:
+            # a shared tensor: quantized outside, once per forward for all its readers
+            x, s_a = _quant_input(self.aq, x, spec.act, self.stored_bits)
+            a_s = a_z = act = None
+        else:
+            a_s, a_z, zero_offset = self.aq._cell(spec.act)
+            act = (spec.act.qmin, spec.act.qmax, lsq_grad_factor(spec.act.qmax, x.numel()), zero_offset)
+            s_a = None
+        w_s, w_z, g_w = self.wq._cell(spec.weight, self.weight.numel())
+        wcfg = (spec.weight.qmin, spec.weight.qmax, g_w)
+        return _QuantConv.apply(x, self.weight, self.bias, a_s, a_z, w_s, w_z, s_a, act, wcfg, conv)
 
     @torch.no_grad()
     def frozen_params(self, spec: LayerSpec) -> FrozenParams:
@@ -358,6 +446,11 @@ class ElasticConv2d(_ElasticWeighted):
 
     def _op(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _fused_args(self) -> tuple | None:
+        if isinstance(self.padding, str):  # 'same' / 'valid': let autograd handle it
+            return None
+        return (self.stride, self.padding, self.dilation, self.groups)
 
 
 class ElasticLinear(_ElasticWeighted):

@@ -105,34 +105,33 @@ def _fq_forward(x, s, z, qmin: int, qmax: int, zero_offset: bool):
     return t, out.mul_(s)
 
 
-def _fq_backward(ctx, g, t, out, x, s, z_mask):
+def _fq_backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, need_s: bool):
     """Straight-through / LSQ gradients (see _FakeQuant) w.r.t. x, s (shape of s) and z
     (shape of s; None unless z_mask is given: 1 where round(z) lies inside the grid).
     The s term sum(g * (q - z) - inside * g * x/s) is taken as
     (sum(g * out) - sum(inside * g * x)) / s: equal up to float rounding, and neither
     x / s nor q - z has to be kept from the forward."""
-    need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gx = gs = gz = None
     # g restricted to the unclamped elements: x's gradient, and the -x/s term of s's
     gin = None
     if need_x or need_s or z_mask is not None:
-        gin = torch.ops.aten.hardtanh_backward(g, t, *ctx.bounds)
+        gin = torch.ops.aten.hardtanh_backward(g, t, *bounds)
     if need_x:
         gx = gin
     per_tensor = s.numel() == 1
     if need_s:
         if per_tensor:
             gs = torch.dot(g.reshape(-1), out.reshape(-1)) - torch.dot(gin.reshape(-1), x.reshape(-1))
-            gs = gs.reshape(s.shape)
+            gs = gs.view(s.shape)
         else:
             gs = (g * out - gin * x).sum_to_size(s.shape)
-        gs = gs / s * ctx.grad_factor
+        gs = gs / s * grad_factor
     if z_mask is not None:
         if per_tensor:
-            gz = (gin.sum() - g.sum()).reshape(s.shape) * s
+            gz = (gin.sum() - g.sum()).view(s.shape) * s
         else:
             gz = (gin - g).sum_to_size(s.shape) * s
-        gz = gz * z_mask * ctx.grad_factor
+        gz = gz * z_mask * grad_factor
     return gx, gs, gz
 
 
@@ -166,52 +165,76 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         t, out, x, scale, zmask = ctx.saved_tensors
-        gx, gs, gz = _fq_backward(ctx, g, t, out, x, scale, zmask)
+        need_x, need_s = ctx.needs_input_grad[:2]
+        gx, gs, gz = _fq_backward(g, t, out, x, scale, zmask, ctx.bounds, ctx.grad_factor, need_x, need_s)
         return gx, gs, gz, None, None, None
 
 
-class _FakeQuantLearned(torch.autograd.Function):
-    """`_FakeQuant` on a quantizer's raw parameters: the step size is |raw| clamped to
-    min_scale, and both it and the zero-point are reshaped to broadcast along `axis`,
-    inside the one autograd node (the separate abs / clamp / view nodes cost more than
-    the math at the supernet's sizes). Returns (out, scale), scale shaped as raw_scale
-    and not differentiable (the int32 bias uses it detached)."""
+class LearnedFQ:
+    """Forward and backward of fake-quant on a quantizer's raw cells, for the autograd
+    Functions that run it inside one node (`_FakeQuantLearned`, the elastic conv):
+    step size s = clamp(|raw_scale|, min_scale), zero-point raw_zero_point (or a fixed 0
+    with zero_offset, or none), both [C] along `axis` of x or [1]."""
 
-    @staticmethod
-    def forward(ctx, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset):
+    __slots__ = ("a", "bounds", "grad_factor", "min_scale", "s", "s_shape", "t", "z_shape", "zmask")
+
+    def forward(self, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset,
+                need_z: bool):
+        """Returns (out, scale [shape of raw_scale]); keeps what backward needs."""
         a = raw_scale.abs()
         scale = a.clamp(min=min_scale)
-        shape = None
+        s = scale
         if axis is not None and scale.numel() > 1:
             shape = [1] * x.ndim
             shape[axis] = -1
-        s = scale if shape is None else scale.view(shape)
+            s = scale.view(shape)
         z = zmask = None
         if raw_zero_point is not None:
-            zr = torch.round(raw_zero_point if shape is None else raw_zero_point.view(shape))
+            zr = torch.round(raw_zero_point.view(s.shape))
             z = zr.clamp(qmin, qmax)
-            if ctx.needs_input_grad[2]:
+            if need_z:
                 zmask = (z == zr).to(z.dtype)  # round(z) inside the grid: z moves
-        t, out = _fq_forward(x, s, z, qmin, qmax, zero_offset)
-        needs_s = ctx.needs_input_grad[1]
-        ctx.save_for_backward(t, out if needs_s else None, x if needs_s else None, s, zmask,
-                              raw_scale if needs_s else None, a if needs_s else None)
-        ctx.bounds = (qmin - 0.5, qmax + 0.5)
-        ctx.grad_factor = grad_factor
-        ctx.min_scale = min_scale
-        ctx.z_shape = None if raw_zero_point is None else raw_zero_point.shape
+        self.t, out = _fq_forward(x, s, z, qmin, qmax, zero_offset)
+        self.s, self.a, self.zmask = s, a, zmask
+        self.bounds = (qmin - 0.5, qmax + 0.5)  # t is integer-valued: inclusive clamp range
+        self.grad_factor, self.min_scale = grad_factor, min_scale
+        self.s_shape = raw_scale.shape
+        self.z_shape = None if raw_zero_point is None else raw_zero_point.shape
+        return out, scale
+
+    def backward(self, g, out, x, raw_scale, need_x: bool, need_s: bool):
+        """(d x, d raw_scale, d raw_zero_point); out and x as in forward (x only if need_s)."""
+        gx, gs, gz = _fq_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
+                                  need_x, need_s)
+        if gs is not None:
+            # through scale = clamp(|raw|, min_scale), as autograd differentiates it
+            gs = torch.where(self.a >= self.min_scale, gs.view(self.s_shape), 0.0) * raw_scale.sgn()
+        if gz is not None:
+            gz = gz.view(self.z_shape)
+        return gx, gs, gz
+
+
+class _FakeQuantLearned(torch.autograd.Function):
+    """`_FakeQuant` on a quantizer's raw parameters (see LearnedFQ) in one autograd node:
+    the separate abs / clamp / view nodes cost more than the math at the supernet's sizes.
+    Returns (out, scale), scale shaped as raw_scale and not differentiable (the int32 bias
+    uses it detached)."""
+
+    @staticmethod
+    def forward(ctx, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset):
+        fq = LearnedFQ()
+        need_s = ctx.needs_input_grad[1]
+        out, scale = fq.forward(x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis,
+                                zero_offset, ctx.needs_input_grad[2])
+        ctx.save_for_backward(out if need_s else None, x if need_s else None, raw_scale if need_s else None)
+        ctx.fq = fq
         ctx.mark_non_differentiable(scale)
         return out, scale
 
     @staticmethod
     def backward(ctx, g, _g_scale):
-        t, out, x, s, zmask, raw, a = ctx.saved_tensors
-        gx, gs, gz = _fq_backward(ctx, g, t, out, x, s, zmask)
-        if gs is not None:
-            # through scale = clamp(|raw|, min_scale), as autograd differentiates it
-            gs = torch.where(a >= ctx.min_scale, gs.reshape(raw.shape), 0.0) * raw.sgn()
-        if gz is not None:
-            gz = gz.reshape(ctx.z_shape)
+        out, x, raw = ctx.saved_tensors
+        gx, gs, gz = ctx.fq.backward(g, out, x, raw, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gx, gs, gz, None, None, None, None, None, None
 
 
