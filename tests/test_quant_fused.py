@@ -17,6 +17,7 @@ from deployq.quant import (
     fake_quant,
     fake_quant_learned,
     fake_quant_reference,
+    lsq_grad_factor,
     round_ste,
 )
 from deployq.spec import ElasticSpace, QuantSpec, act_spec, weight_spec
@@ -122,25 +123,39 @@ def test_memo_of_tied_quantizers_changes_no_value():
 
 
 @pytest.mark.parametrize("form", [0, 3])
-def test_elastic_conv_equals_the_composite_layer(form):
-    """One elastic conv against quantize(input), quantize(weight) and the int32 bias
-    written with autograd ops on the quantizers' qparams."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_elastic_conv_equals_the_composite_layer(form, shared):
+    """One elastic conv (one autograd node) against quantize(input), quantize(weight) and
+    the int32 bias written with autograd ops on the quantizers' qparams. A conv reading a
+    shared tensor first requantizes it from the stored 8 bits."""
     net = _net(seed=2)
-    name, m = next((n, m) for n, m in net.layers() if isinstance(m, ElasticConv2d) and n not in net.fixed_layers and m.stored_bits is None)
+    name, m = next(
+        (n, m)
+        for n, m in net.layers()
+        if isinstance(m, ElasticConv2d) and n not in net.fixed_layers and (m.stored_bits is not None) == shared
+    )
     f = net.space.forms[form]
     spec = net.layer_spec(name, f, 3, 4)
     x0 = torch.randn(4, m.weight.shape[1], 8, 8, generator=torch.Generator().manual_seed(3))
     gout = None
     res = []
     for composite in (False, True):
-        m.zero_grad(set_to_none=True)
+        net.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
         if composite:
+            xin = x
+            if shared:
+                s8, z8 = m.aq.qparams(spec.act.with_bits(8))
+                st = spec.act.with_bits(8)
+                xin = fake_quant_reference(x, s8, z8, st.qmin, st.qmax, lsq_grad_factor(st.qmax, x.numel()))
             s_a, z_a = m.aq.qparams(spec.act)
             s_w, z_w = m.wq.qparams(spec.weight)
-            xq = fake_quant_reference(x, s_a, z_a, spec.act.qmin, spec.act.qmax, 1.0)
-            wq = fake_quant_reference(m.weight, channel_view(s_w, 4, 0), channel_view(z_w, 4, 0),
-                                      spec.weight.qmin, spec.weight.qmax, 1.0)
+            g_a = lsq_grad_factor(spec.act.qmax, x.numel())
+            g_w = lsq_grad_factor(spec.weight.qmax, m.weight.numel() // s_w.numel())
+            xq = fake_quant_reference(xin, s_a, z_a, spec.act.qmin, spec.act.qmax, g_a)
+            wq = fake_quant_reference(
+                m.weight, channel_view(s_w, 4, 0), channel_view(z_w, 4, 0), spec.weight.qmin, spec.weight.qmax, g_w
+            )
             s = (s_a * s_w).detach()
             out = F.conv2d(xq, wq, round_ste(m.bias / s) * s, m.stride, m.padding)
         else:
@@ -149,13 +164,18 @@ def test_elastic_conv_equals_the_composite_layer(form):
         if gout is None:
             gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
         out.backward(gout)
-        res.append((out.detach(), x.grad, m.weight.grad, m.bias.grad))
+        cells = [p.grad for p in m.aq.parameters()] + [p.grad for p in m.wq.parameters()]
+        res.append((out.detach(), x.grad, m.weight.grad, m.bias.grad, cells))
     m.active = None
-    for a, b in zip(*res):
-        assert a is not None and b is not None
-    assert torch.equal(res[0][0], res[1][0])
-    for a, b in zip(res[0][1:], res[1][1:]):
+    (o1, *g1, c1), (o2, *g2, c2) = res
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert sum(c is not None for c in c1) >= 2
+    for a, b in zip(c1, c2):  # step sizes and zero-points of every cell
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_cached_cells_follow_a_loaded_state_dict():
