@@ -2,7 +2,9 @@
 
 Trains a supernet with deployq.train.train (or reuses --ckpt if it exists), then for
 each profile runs the whole search at the budget (sampling included, cache off) and
-prints: predictor Kendall tau / RMSE on held-out configurations, the searched subnet's
+prints: predictor Kendall tau / RMSE on held-out configurations (against what it learned,
+the soft accuracy = mean true-class probability on held-out TRAIN images, and against
+top-1 on the same images), the searched subnet's
 MEASURED val accuracy vs the uniform 3-bit subnet's, cost vs budget, wall time, and
 predictor scoring time vs measuring time per candidate. A second search per profile at
 the uniform 3-bit subnet's own cost (samples and predictor from the cache) gives the
@@ -30,7 +32,7 @@ from deployq.search.cost import parse_budget
 from deployq.search.encoder import encode_many
 from deployq.search.genes import GeneSpace
 from deployq.search.layout import NetLayout
-from deployq.search.predictor import kendall_tau
+from deployq.search.predictor import PredictorConfig, kendall_tau
 from deployq.search.sampling import Measurer, sample_genes
 
 
@@ -141,8 +143,10 @@ def main() -> None:
                     )
                     for _ in range(args.spread_test)
                 ]
-                meas = np.array([on_held(s) for s in specs])
-                spread_tau = kendall_tau(r.predictor.predict(encode_many(specs, layout)), meas)
+                sc = [on_held.scores(s) for s in specs]
+                pred = r.predictor.predict(encode_many(specs, layout))
+                spread_tau = kendall_tau(pred, np.array([s.soft for s in sc]))
+                spread_tau1 = kendall_tau(pred, np.array([s.top1 for s in sc]))
             tm = r.timings
             measure_s = tm["measure_per_candidate_s"]
             rows.append(
@@ -152,6 +156,11 @@ def main() -> None:
                     "tau": r.metrics.kendall_tau,
                     "tau0": r.base_metrics.kendall_tau,
                     "tau_spread": spread_tau,
+                    "tau_spread1": spread_tau1,
+                    "tau1": r.metrics.kendall_tau_top1,
+                    "tau01": r.base_metrics.kendall_tau_top1,
+                    "target": r.metrics.target,
+                    "final": f"{r.measured_acc:.4f}/{r.final_measured:.4f}",
                     "rmse": r.metrics.rmse,
                     "n": f"{r.metrics.n_train}/{r.metrics.n_test}",
                     "held_pred": r.predicted_acc,
@@ -174,15 +183,19 @@ def main() -> None:
     print()
     print(
         f"search quality: {args.ckpt.name}, digits ResNet-20, {args.samples} samples, "
-        f"{args.generations} generations x 100, torch threads {torch.get_num_threads()}"
+        f"{args.generations} generations x 100, torch threads {torch.get_num_threads()}, "
+        f"predictor target {rows[0]['target']} ({PredictorConfig().kind}), "
+        f"{len(held.y)} held-out train images"
     )
     hdr = (
         "profile",
         "budget",
-        "tau (samples only)",
+        "tau vs target (samples only)",
+        "tau vs top-1 (samples only)",
         "RMSE",
         "train/test",
-        f"tau {args.spread_test} spread",
+        f"tau {args.spread_test} spread target/top-1",
+        "chosen held top-1 (x copies)",
         "searched val",
         "uniform w3a3 val",
         "cost",
@@ -200,9 +213,11 @@ def main() -> None:
             r["profile"],
             r["budget"],
             f"{r['tau']:.3f} ({r['tau0']:.3f})",
+            f"{r['tau1']:.3f} ({r['tau01']:.3f})",
             f"{r['rmse']:.4f}",
             r["n"],
-            f"{r['tau_spread']:.3f}",
+            f"{r['tau_spread']:.3f}/{r['tau_spread1']:.3f}",
+            r["final"],
             f"{r['val']:.4f}",
             f"{r['uni3_val']:.4f}",
             f"{r['cost']:.3f}",

@@ -252,7 +252,10 @@ def test_evolution_finds_near_optimum_within_budget():
 # --------------------------------------------------------------------------- predictor
 
 
-def test_predictor_learns_monotone_function(tmp_path):
+# An additive, smooth function of the bits: the MLP's home ground; boosted depth-3
+# trees approximate a sum over 12 genes less well (hence the lower bar).
+@pytest.mark.parametrize("kind,min_tau", [("mlp", 0.8), ("gbm", 0.65)])
+def test_predictor_learns_monotone_function(tmp_path, kind, min_tau):
     rng = np.random.default_rng(0)
     n, g, choices = 300, 12, np.arange(2, 9)
     genes = rng.integers(2, 9, (n, g))
@@ -262,12 +265,74 @@ def test_predictor_learns_monotone_function(tmp_path):
     z = 2 * (score - score.mean()) / score.std()
     y = (0.5 + 0.5 / (1 + np.exp(-z))).astype(np.float32)  # accuracy-like, in (0.5, 1)
     y += rng.normal(0, 0.005, n).astype(np.float32)
-    pred, metrics = fit_and_score(x, y, PredictorConfig(epochs=150, seed=0))
-    assert metrics.kendall_tau > 0.8, metrics
+    pred, metrics = fit_and_score(x, y, PredictorConfig(kind=kind, epochs=150, seed=0))
+    assert metrics.kendall_tau > min_tau, metrics
     assert metrics.rmse < 0.1
     torch.save(pred.state(), tmp_path / "p.pt")
     back = Predictor.from_state(torch.load(tmp_path / "p.pt", weights_only=True))
     np.testing.assert_allclose(back.predict(x[:10]), pred.predict(x[:10]), rtol=1e-6)
+
+
+def test_trees_learn_accuracy_cliffs():
+    """What a supernet shows: a few layers lose a lot at 2 bits, the rest little. Trees
+    rank such subnets well; predictions stay accuracies (in (0, 1))."""
+    rng = np.random.default_rng(1)
+    n, g, choices = 300, 16, np.array([2, 3, 4, 8])
+    genes = choices[rng.integers(0, 4, (n, g))]
+    x = (genes[:, :, None] == choices[None, None, :]).reshape(n, -1).astype(np.float32)
+    logit = 3.5 - 1.5 * (genes[:, :3] == 2).sum(1) - 0.1 * (genes[:, 3:] <= 3).sum(1)
+    y = (1 / (1 + np.exp(-logit))).astype(np.float32)
+    _, metrics = fit_and_score(x, y, PredictorConfig(kind="gbm"))
+    assert metrics.kendall_tau > 0.8, metrics
+    pred = Predictor(x.shape[1]).fit(x, y).predict(x)
+    assert ((pred > 0) & (pred < 1)).all()
+
+
+def test_tree_arrays_predict_like_sklearn():
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    from deployq.search.predictor import Trees
+
+    rng = np.random.default_rng(2)
+    x = (rng.random((80, 10)) < 0.5).astype(np.float32)
+    y = x @ rng.normal(size=10) + 0.5 * x[:, 0] * x[:, 1]
+    gbm = GradientBoostingRegressor(n_estimators=20, max_depth=3, random_state=0).fit(x, y)
+    trees = Trees.from_sklearn(gbm)
+    np.testing.assert_allclose(trees.predict(x), gbm.predict(x), atol=1e-9)
+    back = Trees.from_state(trees.state())
+    np.testing.assert_array_equal(back.predict(x), trees.predict(x))
+
+
+def test_measurer_scores_and_shifted_copies():
+    from deployq.search.sampling import Measurer, shifted_copies
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    xs = shifted_copies(x, 1, 5)
+    assert xs.shape == (10, 3, 8, 8)
+    assert torch.equal(xs[:2], x)  # the originals first
+    # copy 1 is shifted by (+1, +1): its pixel (i, j) is the original's (i + 1, j + 1)
+    assert torch.equal(xs[2, :, :7, :7], x[0, :, 1:, 1:])
+    assert torch.equal(shifted_copies(x, 0, 5), x)  # no augmentation: no copies
+
+    class Fixed(nn.Module):
+        # logits favour class 0 with probability 0.9 on every image
+        def forward(self, inp):
+            p = torch.tensor([0.9, 0.1]).log()
+            return p.expand(len(inp), 2)
+
+        def active_spec(self):
+            return None
+
+        def set_active(self, spec):
+            pass
+
+    m = Measurer(Fixed(), x, torch.tensor([0, 1]), copies=3, max_shift=1)
+    assert len(m) == 6 and m.n_images == 2
+    sc = m.scores(None)
+    assert sc.top1 == pytest.approx(0.5) and sc.soft == pytest.approx(0.5)
+    m2 = Measurer(Fixed(), x, torch.tensor([0, 0]))
+    assert m2.scores(None).soft == pytest.approx(0.9) and m2(None) == 1.0
+    assert m.calls == 1 and m2.calls == 2
 
 
 # --------------------------------------------------------------------------- sampling

@@ -22,7 +22,17 @@ from deployq.spec import ElasticSpace, Form, SubnetSpec
 
 SNPE = Form(False, False, False, False)
 CPU = Form(True, True, False, False)
-QUICK = ["--samples", "40", "--generations", "4", "--population", "24", "--quiet"]
+QUICK = [
+    "--samples",
+    "40",
+    "--generations",
+    "4",
+    "--population",
+    "24",
+    "--refine-rounds",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -89,6 +99,9 @@ def test_cli_search_writes_spec_csv_png(ckpt, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "Kendall tau" in printed and "uniform w3a3" in printed
+    # tau is reported against what the predictor learned and against top-1
+    flat = " ".join(printed.replace("│", " ").split())  # the table wraps long cells
+    assert "vs measured soft accuracy" in flat and "vs measured top-1" in flat, flat
     spec = SubnetSpec.from_json(out.read_text())
     net = load_checkpoint(ckpt).net
     net.check_spec(spec)
@@ -122,7 +135,7 @@ def test_cache_reused_and_invalidated(ckpt, tmp_path):
         generations=3,
         population=20,
         out=tmp_path / "a.json",
-        predictor=PredictorConfig(epochs=60),
+        predictor=PredictorConfig(trees=60),
     )
     first = search(cfg, progress=False)
     assert not first.samples_cached and first.n_measured >= 30
@@ -136,8 +149,10 @@ def test_cache_reused_and_invalidated(ckpt, tmp_path):
         progress=False,
     )
     assert second.samples_cached and second.predictor_cached
-    # top-k per round (4 refinement rounds + the last) + 4 uniform references only
-    assert second.n_measured == 5 * 5 + 4
+    # top-k per round (4 refinement rounds + the last) + 4 uniform references, then the
+    # 8 best measured once more on the held-out images + shifted copies
+    assert second.n_measured == 5 * 5 + 4 + 8
+    assert second.final_images == 5 * second.n_holdout
     assert second.base_metrics == first.base_metrics
     # A cache for another checkpoint (sha256 differs) is not used.
     other = tmp_path / "other.pt"

@@ -3,7 +3,8 @@
 Layout: `<checkpoint>.cqap/<form tag>/` holding
   meta.json     what the cache is valid for (checkpoint sha256, form, data source,
                 held-out split, gene choices, net layout) + predictor info
-  samples.npz   genes [N, G] int64, encodings [N, D] float32, accuracies [N] float32
+  samples.npz   genes [N, G] int64, encodings [N, D] float32, top-1 accuracies [N]
+                float32 (y), soft accuracies [N] float32 (soft: mean true-class probability)
   predictor.pt  the trained predictor (tensors and numbers: loads with weights_only=True)
 A directory whose meta.json does not match the current key is ignored and rewritten.
 Measuring is what costs; the cache lets a second search with another budget or seed
@@ -27,7 +28,7 @@ from deployq.fileio import atomic_path, write_bytes, write_text
 from deployq.search.predictor import Predictor, PredictorConfig, PredictorMetrics
 from deployq.spec import Form
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: samples hold soft accuracies; predictor info names its target
 
 
 @dataclass(frozen=True)
@@ -92,23 +93,34 @@ class SearchCache:
             return False
 
     # --- samples ------------------------------------------------------------
-    def load_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def load_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+        """(genes, encodings, top-1, soft) or None."""
         if not self._meta:
             return None
         try:
             with np.load(self.dir / "samples.npz") as z:
-                genes, x, y = z["genes"], z["x"], z["y"]
+                genes, x, y, soft = z["genes"], z["x"], z["y"], z["soft"]
         except (OSError, KeyError, ValueError):
             return None
-        if len(genes) != self._meta.get("n_samples") or not (len(genes) == len(x) == len(y)):
+        if len(genes) != self._meta.get("n_samples") or not (
+            len(genes) == len(x) == len(y) == len(soft)
+        ):
             return None
-        return genes, x, y
+        return genes, x, y, soft
 
-    def save_samples(self, genes: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    def save_samples(
+        self, genes: np.ndarray, x: np.ndarray, y: np.ndarray, soft: np.ndarray
+    ) -> None:
         if not self._writable():
             return
         buf = io.BytesIO()
-        np.savez(buf, genes=genes.astype(np.int64), x=x.astype(np.float32), y=y.astype(np.float32))
+        np.savez(
+            buf,
+            genes=genes.astype(np.int64),
+            x=x.astype(np.float32),
+            y=y.astype(np.float32),
+            soft=soft.astype(np.float32),
+        )
         try:
             write_bytes(self.dir / "samples.npz", buf.getvalue())
             # New samples invalidate any predictor trained on fewer.
@@ -120,10 +132,15 @@ class SearchCache:
 
     # --- predictor ----------------------------------------------------------
     def load_predictor(
-        self, config: PredictorConfig, n_samples: int
+        self, config: PredictorConfig, n_samples: int, target: str
     ) -> tuple[Predictor, PredictorMetrics] | None:
         info = (self._meta or {}).get("predictor")
-        if not info or info.get("config") != config.to_dict() or info.get("n_samples") != n_samples:
+        if (
+            not info
+            or info.get("config") != config.to_dict()
+            or info.get("n_samples") != n_samples
+            or info.get("target") != target
+        ):
             return None
         try:
             state = torch.load(self.dir / "predictor.pt", map_location="cpu", weights_only=True)
@@ -133,7 +150,7 @@ class SearchCache:
             return None
 
     def save_predictor(
-        self, predictor: Predictor, metrics: PredictorMetrics, n_samples: int
+        self, predictor: Predictor, metrics: PredictorMetrics, n_samples: int, target: str
     ) -> None:
         if not self._meta or not self._writable():
             return
@@ -144,6 +161,7 @@ class SearchCache:
             meta["predictor"] = {
                 "config": predictor.config.to_dict(),
                 "n_samples": n_samples,
+                "target": target,
                 "metrics": metrics.to_dict(),
             }
             self._write_meta(meta)

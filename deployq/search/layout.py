@@ -67,7 +67,7 @@ class NetLayout:
         previous = net.active_spec()
         net.set_active(None)
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: see sampling.Measurer
                 net(torch.zeros((1, *input_shape[1:])))
         finally:
             for h in hooks:

@@ -1,10 +1,17 @@
-"""CQAP: an MLP that regresses a subnet's accuracy from its condition vector.
+"""CQAP: a regressor from a subnet's condition vector to its accuracy.
 
-Targets are standardised (accuracies of a good supernet sit in a narrow band; raw
-MSE on them gives tiny gradients), training is Adam on mini-batches with early
-stopping on a slice of the training pairs, and the quality that gets reported is
-Kendall tau and RMSE on configurations the predictor never saw (`split_indices`).
-The state is plain tensors + numbers so it loads with torch.load(weights_only=True).
+Two kinds share one interface (`Predictor.fit / predict / state`):
+  gbm  gradient-boosted depth-3 regression trees (sklearn fits them; the trees are
+       kept as plain arrays and evaluated here). The default: on digits ResNet-20 it
+       ranks held-out subnets better than the MLP (Kendall tau 0.75 vs 0.71 against
+       the soft accuracy, mean of 5 splits of 320 train / 200 test subnets).
+  mlp  the paper's MLP (200-wide ReLU layers), Adam, early stopping.
+Targets are accuracies in (0, 1); both kinds regress their logit (a subnet that
+loses 1 point at 97% is worse off than one losing 1 point at 80%, and the logit
+makes those steps comparable), standardised. Predictions come back as accuracies.
+The quality that gets reported is Kendall tau and RMSE on configurations the
+predictor never saw (`split_indices`). The state is plain tensors + numbers so it
+loads with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -20,7 +27,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class PredictorConfig:
-    hidden: int = 200
+    kind: str = "gbm"  # "gbm" (boosted trees) or "mlp" (the paper's MLP)
+    logit_target: bool = True
+    trees: int = 400  # gbm
+    tree_depth: int = 3
+    tree_lr: float = 0.05
+    tree_subsample: float = 0.8
+    hidden: int = 200  # mlp
     depth: int = 3  # hidden layers
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -70,29 +83,136 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
+_EPS = 1e-4  # accuracies are clipped to [eps, 1 - eps] before the logit
+
+
+def _to_logit(y: np.ndarray) -> np.ndarray:
+    y = np.clip(np.asarray(y, np.float64), _EPS, 1 - _EPS)
+    return np.log(y / (1 - y))
+
+
+def _from_logit(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+@dataclass
+class Trees:
+    """A boosted regression-tree ensemble as arrays: node i of tree t goes left when
+    x[feature[t, i]] <= threshold[t, i]; leaves have left == -1 and hold value."""
+
+    left: np.ndarray  # int64 [T, nodes]
+    right: np.ndarray
+    feature: np.ndarray
+    threshold: np.ndarray  # float32 (sklearn compares float32 inputs)
+    value: np.ndarray  # float64 [T, nodes], already scaled by the learning rate
+    base: float
+
+    @classmethod
+    def from_sklearn(cls, gbm) -> Trees:
+        trees = [e[0].tree_ for e in gbm.estimators_]
+        n = max(t.node_count for t in trees)
+
+        def pad(get, fill, dtype):
+            out = np.full((len(trees), n), fill, dtype)
+            for i, t in enumerate(trees):
+                out[i, : t.node_count] = get(t)
+            return out
+
+        return cls(
+            left=pad(lambda t: t.children_left, -1, np.int64),
+            right=pad(lambda t: t.children_right, -1, np.int64),
+            feature=pad(lambda t: np.maximum(t.feature, 0), 0, np.int64),
+            threshold=pad(lambda t: t.threshold, 0.0, np.float32),
+            value=pad(lambda t: t.value[:, 0, 0] * gbm.learning_rate, 0.0, np.float64),
+            base=float(np.ravel(gbm.init_.constant_)[0]),
+        )
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        t_idx = np.arange(len(self.left))[:, None]
+        node = np.zeros((len(self.left), len(x)), np.int64)
+        rows = np.arange(len(x))[None, :]
+        while True:
+            left = self.left[t_idx, node]
+            inner = left >= 0
+            if not inner.any():
+                break
+            go_left = x[rows, self.feature[t_idx, node]] <= self.threshold[t_idx, node]
+            nxt = np.where(go_left, left, self.right[t_idx, node])
+            node = np.where(inner, nxt, node)
+        return self.base + self.value[t_idx, node].sum(0)
+
+    def state(self) -> dict:
+        return {
+            k: torch.as_tensor(getattr(self, k))
+            for k in ("left", "right", "feature", "threshold", "value")
+        } | {"base": self.base}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Trees:
+        arrays = {k: state[k].numpy() for k in ("left", "right", "feature", "threshold", "value")}
+        return cls(**arrays, base=float(state["base"]))
+
+
 class Predictor:
     def __init__(self, in_dim: int, config: PredictorConfig | None = None):
         self.config = config or PredictorConfig()
+        if self.config.kind not in ("gbm", "mlp"):
+            raise ValueError(f"unknown predictor kind {self.config.kind!r}")
         self.in_dim = in_dim
         torch.manual_seed(self.config.seed)
         self.net = mlp(in_dim, self.config.hidden, self.config.depth)
+        self.trees: Trees | None = None
         self.y_mean = 0.0
         self.y_std = 1.0
         self.epochs_run = 0
 
+    def _target(self, y: np.ndarray) -> np.ndarray:
+        return _to_logit(y) if self.config.logit_target else np.asarray(y, np.float64)
+
+    def _untarget(self, z: np.ndarray) -> np.ndarray:
+        return _from_logit(z) if self.config.logit_target else np.asarray(z, np.float64)
+
     def fit(
         self, x: np.ndarray, y: np.ndarray, on_epoch: Callable[[int, int], None] | None = None
     ) -> Predictor:
-        """Train on (encodings, accuracies). `on_epoch(epoch, total)` reports progress."""
+        """Train on (encodings, accuracies). `on_epoch(step, total)` reports progress."""
+        t = self._target(y)
+        self.y_mean = float(t.mean())
+        self.y_std = float(t.std()) if len(t) > 1 and float(t.std()) > 1e-8 else 1.0
+        z = (t - self.y_mean) / self.y_std
+        if self.config.kind == "gbm":
+            self._fit_trees(np.asarray(x, np.float32), z, on_epoch)
+        else:
+            self._fit_mlp(np.asarray(x, np.float32), z.astype(np.float32), on_epoch)
+        return self
+
+    def _fit_trees(self, x, z, on_epoch) -> None:
+        from sklearn.ensemble import GradientBoostingRegressor
+
         cfg = self.config
-        x = torch.as_tensor(np.asarray(x, np.float32))
-        y = torch.as_tensor(np.asarray(y, np.float32))
-        self.y_mean = float(y.mean())
-        self.y_std = float(y.std()) if len(y) > 1 and float(y.std()) > 1e-8 else 1.0
-        z = (y - self.y_mean) / self.y_std
-        fit_idx, stop_idx = split_indices(len(y), cfg.early_stop_fraction, cfg.seed + 1)
+        total = cfg.trees
+        if on_epoch:
+            on_epoch(0, total)
+        gbm = GradientBoostingRegressor(
+            n_estimators=cfg.trees,
+            max_depth=cfg.tree_depth,
+            learning_rate=cfg.tree_lr,
+            subsample=cfg.tree_subsample if len(z) >= 10 else 1.0,
+            random_state=cfg.seed,
+        ).fit(x, z)
+        self.trees = Trees.from_sklearn(gbm)
+        self.epochs_run = cfg.trees
+        if on_epoch:
+            on_epoch(total, total)
+
+    def _fit_mlp(self, x, z, on_epoch) -> None:
+        cfg = self.config
+        x = torch.as_tensor(x)
+        z = torch.as_tensor(z)
+        fit_idx, stop_idx = split_indices(len(z), cfg.early_stop_fraction, cfg.seed + 1)
         if len(stop_idx) < 2:  # too few samples to hold any out: train on all, no stopping
-            fit_idx, stop_idx = np.arange(len(y)), np.arange(len(y))
+            fit_idx, stop_idx = np.arange(len(z)), np.arange(len(z))
         xf, zf = x[fit_idx], z[fit_idx]
         xs, zs = x[stop_idx], z[stop_idx]
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -128,30 +248,40 @@ class Predictor:
         self.net.eval()
         if on_epoch:
             on_epoch(cfg.epochs, cfg.epochs)
-        return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted accuracies of a batch of encodings [N, in_dim] -> [N]."""
-        with torch.inference_mode():
-            out = self.net(torch.as_tensor(np.asarray(x, np.float32))).squeeze(1)
-        return out.numpy() * self.y_std + self.y_mean
+        x = np.asarray(x, np.float32)
+        if self.trees is not None:
+            z = self.trees.predict(x)
+        else:
+            with torch.inference_mode():
+                z = self.net(torch.as_tensor(x)).squeeze(1).numpy().astype(np.float64)
+        return self._untarget(z * self.y_std + self.y_mean)
 
     # --- persistence (weights_only-safe) --------------------------------------
     def state(self) -> dict:
-        return {
+        out = {
             "in_dim": self.in_dim,
             "config": self.config.to_dict(),
             "y_mean": self.y_mean,
             "y_std": self.y_std,
             "epochs_run": self.epochs_run,
-            "state_dict": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
         }
+        if self.trees is not None:
+            out["trees"] = self.trees.state()
+        else:
+            out["state_dict"] = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        return out
 
     @classmethod
     def from_state(cls, state: dict) -> Predictor:
         p = cls(int(state["in_dim"]), PredictorConfig(**state["config"]))
-        p.net.load_state_dict(state["state_dict"])
-        p.net.eval()
+        if "trees" in state:
+            p.trees = Trees.from_state(state["trees"])
+        else:
+            p.net.load_state_dict(state["state_dict"])
+            p.net.eval()
         p.y_mean, p.y_std = float(state["y_mean"]), float(state["y_std"])
         p.epochs_run = int(state.get("epochs_run", 0))
         return p
@@ -159,21 +289,39 @@ class Predictor:
 
 @dataclass(frozen=True)
 class PredictorMetrics:
+    """Quality on held-out configurations. kendall_tau / rmse compare the predictions
+    with what the predictor learned (`target`: "soft" = mean true-class probability,
+    or "top1"); kendall_tau_top1 ranks the same predictions against measured top-1."""
+
     kendall_tau: float
     rmse: float
     n_train: int
     n_test: int
+    target: str = "top1"
+    kendall_tau_top1: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def score_predictor(
-    predictor: Predictor, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray
+    predictor: Predictor,
+    x: np.ndarray,
+    y: np.ndarray,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    top1: np.ndarray | None = None,
+    target: str = "top1",
 ) -> PredictorMetrics:
     p = predictor.predict(x[test_idx])
+    t1 = y if top1 is None else top1
     return PredictorMetrics(
-        kendall_tau(p, y[test_idx]), rmse(p, y[test_idx]), len(train_idx), len(test_idx)
+        kendall_tau(p, y[test_idx]),
+        rmse(p, y[test_idx]),
+        len(train_idx),
+        len(test_idx),
+        target,
+        kendall_tau(p, t1[test_idx]),
     )
 
 
@@ -188,5 +336,4 @@ def fit_and_score(
     config = config or PredictorConfig()
     tr, te = split_indices(len(y), test_fraction, config.seed)
     pred = Predictor(x.shape[1], config).fit(x[tr], y[tr], on_epoch)
-    p = pred.predict(x[te])
-    return pred, PredictorMetrics(kendall_tau(p, y[te]), rmse(p, y[te]), len(tr), len(te))
+    return pred, score_predictor(pred, x, y, tr, te)

@@ -13,10 +13,12 @@ shared target move all their genes together, so they cannot tell which layer cos
 the accuracy; an additive model fitted on them alone ranks unseen subnets poorly.
 
 `Measurer` keeps the held-out images as one tensor and evaluates a spec in large
-batches under inference mode; switching subnets is `net.set_active(spec)`.
+batches without autograd; switching subnets is `net.set_active(spec)`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,19 +79,62 @@ def sample_population(
     )
 
 
+@dataclass(frozen=True)
+class Scores:
+    """What one measurement of a subnet gives.
+
+    top1: share of images classified right (what gets reported).
+    soft: mean softmax probability of the true class ("expected accuracy"). It moves
+          with every image, not only with the few near the decision boundary, so two
+          measurements of the same subnets on different images rank them far more
+          alike than top-1 does; it is what the predictor learns.
+    """
+
+    top1: float
+    soft: float
+
+
+def shifted_copies(x: torch.Tensor, max_shift: int, n_copies: int) -> torch.Tensor:
+    """x followed by n_copies - 1 translated copies (deterministic offsets within
+    +-max_shift, replicate padding as in training's augmentation): more in-distribution
+    images to measure on without touching other data."""
+    if n_copies <= 1 or max_shift <= 0:
+        return x
+    offsets = [(dy, dx) for r in range(1, max_shift + 1) for dy, dx in _ring(r)]
+    offsets = offsets[: n_copies - 1]
+    s = max_shift
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (s,) * 4, mode="replicate")
+    copies = [x] + [padded[..., s + dy : s + dy + h, s + dx : s + dx + w] for dy, dx in offsets]
+    return torch.cat(copies).contiguous()
+
+
+def _ring(r: int) -> list[tuple[int, int]]:
+    # Diagonals first: they move the digit in both directions at once.
+    return [(r, r), (-r, -r), (r, -r), (-r, r), (r, 0), (-r, 0), (0, r), (0, -r)]
+
+
 class Measurer:
-    """Top-1 accuracy of a subnet on fixed images; counts how often it ran."""
+    """Top-1 and soft accuracy of a subnet on fixed images; counts how often it ran.
+
+    `copies` > 1 adds shifted copies of the images (see `shifted_copies`): a measurement
+    then costs that many times more."""
 
     def __init__(
         self,
         net,
         x: np.ndarray | torch.Tensor,
         y: np.ndarray | torch.Tensor,
-        batch_size: int = 1024,
+        batch_size: int = 512,
+        copies: int = 1,
+        max_shift: int = 0,
     ):
         self.net = net
-        self.x = torch.as_tensor(x, dtype=torch.float32).contiguous()
-        self.y = torch.as_tensor(y, dtype=torch.int64)
+        x = torch.as_tensor(x, dtype=torch.float32).contiguous()
+        y = torch.as_tensor(y, dtype=torch.int64)
+        self.n_images = len(y)
+        self.x = shifted_copies(x, max_shift, copies)
+        self.y = y.repeat(len(self.x) // max(len(y), 1)) if len(y) else y
         self.batch_size = batch_size
         self.calls = 0
 
@@ -97,21 +142,30 @@ class Measurer:
         return len(self.y)
 
     def __call__(self, spec) -> float:
+        """Top-1 accuracy."""
+        return self.scores(spec).top1
+
+    def scores(self, spec) -> Scores:
         self.calls += 1
         was_training = self.net.training
         previous = self.net.active_spec()
         self.net.eval()
         self.net.set_active(spec)
-        correct = 0
+        correct, prob = 0, 0.0
         try:
-            with torch.inference_mode():
+            # no_grad, not inference_mode: the elastic layers memoise quantized tensors
+            # by version counter, which inference tensors do not have.
+            with torch.no_grad():
                 for i in range(0, len(self.y), self.batch_size):
                     logits = self.net(self.x[i : i + self.batch_size])
-                    correct += int((logits.argmax(1) == self.y[i : i + self.batch_size]).sum())
+                    y = self.y[i : i + self.batch_size]
+                    correct += int((logits.argmax(1) == y).sum())
+                    prob += float(logits.softmax(1).gather(1, y[:, None]).sum())
         finally:
             self.net.set_active(previous)
             self.net.train(was_training)
-        return correct / max(len(self.y), 1)
+        n = max(len(self.y), 1)
+        return Scores(correct / n, prob / n)
 
 
 def subsample(n_total: int, n: int, seed: int) -> np.ndarray:
