@@ -14,10 +14,13 @@ images rank them alike only at Kendall tau ~0.55; the soft accuracy moves with e
 image and agrees at ~0.75 (digits ResNet-20, 434 images). The reported tau says
 which it is computed against, and tau against measured top-1 is reported too.
 
-The final choice re-measures the `final_k` best measured candidates on the held-out
-images plus `final_copies - 1` shifted copies (training augments with shifts of up
-to size/8 pixels, so these are in-distribution): top-1 on 5x the images is a less
-noisy pick. Nothing here reads the val split.
+The final choice re-measures the `final_k` candidates of best measured soft accuracy
+on the held-out images plus `final_copies - 1` shifted copies (training augments with
+shifts of up to size/8 pixels, so these are in-distribution) and takes the best soft
+accuracy there. Split-half check on 240 sampled digits subnets (pick on half the
+held-out images, score top-1 on the other half): among the good subnets, soft
+accuracy on 5 copies ranks the other half's top-1 at tau 0.46, top-1 on 5 copies at
+0.43, top-1 on the images alone at 0.36. Nothing here reads the val split.
 """
 
 from __future__ import annotations
@@ -230,7 +233,13 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
     from deployq.search.encoder import encode_many
     from deployq.search.genes import GeneSpace, cached_layer_spec
     from deployq.search.layout import NetLayout
-    from deployq.search.sampling import Measurer, sample_genes, sample_population, subsample
+    from deployq.search.sampling import (
+        Measurer,
+        Scores,
+        sample_genes,
+        sample_population,
+        subsample,
+    )
 
     t_start = time.perf_counter()
     if config.out is not None:
@@ -416,9 +425,11 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
                     tuple(int(v) for v in g), (g, u.cost, u.predicted, sc.top1, sc.soft)
                 )
         remeasured = list(measured.values())
-        # The final few by measured top-1 (ties: soft, then cheaper), measured once more
-        # on the held-out images plus shifted copies; the best there is the choice.
-        finalists = sorted(remeasured, key=lambda r: (-r[3], -r[4], r[1]))[: config.final_k]
+        # The final few by measured soft accuracy (ties: top-1, then cheaper), measured
+        # once more on the held-out images plus shifted copies; the best soft accuracy
+        # there is the choice. Soft, not top-1: among good subnets it ranks their top-1
+        # on OTHER images better (see the module docstring).
+        finalists = sorted(remeasured, key=lambda r: (-r[4], -r[3], r[1]))[: config.final_k]
         final = Measurer(
             net, held.x[idx], held.y[idx], copies=config.final_copies, max_shift=max_shift
         )
@@ -427,15 +438,12 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         for i, r in enumerate(finalists):
             final_scores.append(final.scores(to_spec(r[0])) if len(final) > len(measure) else None)
             update(i + 1)
-        best_i = max(
-            range(len(finalists)),
-            key=lambda i: (
-                (final_scores[i].top1, final_scores[i].soft) if final_scores[i] else (0.0, 0.0),
-                finalists[i][3],
-                finalists[i][4],
-                -finalists[i][1],
-            ),
-        )
+
+        def final_key(i: int):
+            f = final_scores[i] or Scores(finalists[i][3], finalists[i][4])
+            return (f.soft, f.top1, -finalists[i][1])
+
+        best_i = max(range(len(finalists)), key=final_key)
         best_g, best_c, best_p, best_m, _ = finalists[best_i]
         best_final = final_scores[best_i].top1 if final_scores[best_i] else best_m
         timings["remeasure_s"] = time.perf_counter() - t0
