@@ -11,6 +11,15 @@ the uniform 3-bit subnet's own cost (samples and predictor from the cache) gives
 same-cost comparison, since with 8-bit first/last layers uniform 3-bit costs more than
 an average of 3 bits.
 
+Columns: "tau vs target" ranks the predictor against the soft accuracy it learned
+(mean true-class probability), "tau vs top-1" against top-1, both on the search's
+held-out configurations (in brackets: the predictor fitted on the samples alone).
+"spread" is 100 fresh even-spread configurations; "held vs val" ranks the held-out
+measurement of those same configurations against their val measurement: how well a
+second measurement on other images agrees, the yardstick for the predictor's tau
+(val is read for this report only; the search never sees it). "chosen held top-1"
+is the chosen subnet's top-1 on the held-out images / on them plus shifted copies.
+
     python benchmarks/search_quality.py --ckpt /tmp/digits-supernet.pt
 """
 
@@ -147,6 +156,11 @@ def main() -> None:
                 pred = r.predictor.predict(encode_many(specs, layout))
                 spread_tau = kendall_tau(pred, np.array([s.soft for s in sc]))
                 spread_tau1 = kendall_tau(pred, np.array([s.top1 for s in sc]))
+                sv = [on_val.scores(s) for s in specs]
+                twice = (
+                    kendall_tau(np.array([s.soft for s in sc]), np.array([s.soft for s in sv])),
+                    kendall_tau(np.array([s.top1 for s in sc]), np.array([s.top1 for s in sv])),
+                )
             tm = r.timings
             measure_s = tm["measure_per_candidate_s"]
             rows.append(
@@ -157,6 +171,7 @@ def main() -> None:
                     "tau0": r.base_metrics.kendall_tau,
                     "tau_spread": spread_tau,
                     "tau_spread1": spread_tau1,
+                    "twice": twice,
                     "tau1": r.metrics.kendall_tau_top1,
                     "tau01": r.base_metrics.kendall_tau_top1,
                     "target": r.metrics.target,
@@ -195,6 +210,7 @@ def main() -> None:
         "RMSE",
         "train/test",
         f"tau {args.spread_test} spread target/top-1",
+        "held vs val soft/top-1",
         "chosen held top-1 (x copies)",
         "searched val",
         "uniform w3a3 val",
@@ -217,6 +233,7 @@ def main() -> None:
             f"{r['rmse']:.4f}",
             r["n"],
             f"{r['tau_spread']:.3f}/{r['tau_spread1']:.3f}",
+            f"{r['twice'][0]:.3f}/{r['twice'][1]:.3f}",
             r["final"],
             f"{r['val']:.4f}",
             f"{r['uni3_val']:.4f}",

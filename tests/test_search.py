@@ -346,7 +346,11 @@ def test_sampled_average_bits_spread_evenly():
     avg = pop.mean(axis=1)
     counts = np.histogram(avg, bins=[2, 3, 4, 5, 6, 7, 8.01])[0]
     assert counts.min() >= 0.1 * len(pop), counts  # every unit of average bits is covered
-    assert len({tuple(g) for g in pop}) > 0.9 * len(pop)
+    assert len({tuple(g) for g in pop}) == len(pop)  # distinct: no config on both sides of a split
+    more = sample_population(np.random.default_rng(0), choices, 50, exclude=pop)
+    assert not {tuple(g) for g in more} & {tuple(g) for g in pop}
+    tiny = sample_population(np.random.default_rng(0), ((2, 3),) * 2, 10)
+    assert len(tiny) == 4 and len({tuple(g) for g in tiny}) == 4  # only 4 exist
     g = local_genes(np.random.default_rng(1), choices)
     _, n = np.unique(g, return_counts=True)
     assert n.max() >= 30 - 6  # a uniform genome with at most 6 genes changed

@@ -304,11 +304,25 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         n_new = max(0, config.n_samples - len(accs))
         if n_new:
             rng = np.random.default_rng([config.seed, len(accs)])
-            new = sample_population(rng, gspace.choices, n_new)
+            anchors = np.zeros((0, gspace.size), np.int64)
             if len(accs) == 0:
                 # Uniform subnets anchor the predictor where the supernet is trained best.
-                anchors = [gspace.uniform(b, b) for b in common_bits][: n_new // 4]
-                new[: len(anchors)] = anchors
+                anchors = np.array(
+                    [gspace.uniform(b, b) for b in common_bits][: n_new // 4], np.int64
+                ).reshape(-1, gspace.size)
+            # Distinct from each other and from what is measured already.
+            new = np.concatenate(
+                [
+                    anchors,
+                    sample_population(
+                        rng,
+                        gspace.choices,
+                        n_new - len(anchors),
+                        exclude=[*genes, *anchors],
+                    ),
+                ]
+            )
+            n_new = len(new)
             update = bars.task("measuring subnets", n_new)
             new_acc = np.zeros(n_new, np.float32)
             new_soft = np.zeros(n_new, np.float32)
@@ -355,6 +369,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         measured: dict[tuple[int, ...], tuple[np.ndarray, float, float, float, float]] = {}
         extra_x: list[np.ndarray] = []
         extra_y: list[float] = []
+        test_keys = {tuple(int(v) for v in genes[i]) for i in te}
 
         def fitness(pop: np.ndarray) -> np.ndarray:
             t = time.perf_counter()
@@ -392,11 +407,13 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
             update = bars.task("measuring top candidates", len(top))
             for i, (g, c, p) in enumerate(top):
                 sc = measure.scores(to_spec(g))
-                measured[tuple(int(v) for v in g)] = (g, c, p, sc.top1, sc.soft)
-                extra_x.append(encode_many([to_spec(g)], layout)[0])
-                extra_y.append(sc.soft if config.target == "soft" else sc.top1)
+                key = tuple(int(v) for v in g)
+                measured[key] = (g, c, p, sc.top1, sc.soft)
+                if key not in test_keys:  # the reported tau stays on unseen configurations
+                    extra_x.append(encode_many([to_spec(g)], layout)[0])
+                    extra_y.append(sc.soft if config.target == "soft" else sc.top1)
                 update(i + 1, f"predicted {p:.3f} measured top-1 {sc.top1:.3f} soft {sc.soft:.3f}")
-            if rnd < config.refine_rounds:
+            if rnd < config.refine_rounds and extra_y:
                 update = bars.task(f"refining predictor ({len(extra_y)} new)", 1)
                 predictor = Predictor(x.shape[1], config.predictor).fit(
                     np.concatenate([x[tr], np.stack(extra_x)]),

@@ -28,7 +28,7 @@ from deployq.fileio import atomic_path, write_bytes, write_text
 from deployq.search.predictor import Predictor, PredictorConfig, PredictorMetrics
 from deployq.spec import Form
 
-CACHE_VERSION = 2  # 2: samples hold soft accuracies; predictor info names its target
+CACHE_VERSION = 3  # 2: soft accuracies, predictor target; 3: samples distinct
 
 
 @dataclass(frozen=True)

@@ -65,18 +65,31 @@ def local_genes(
 
 
 def sample_population(
-    rng: np.random.Generator, choices, n: int, local_fraction: float = LOCAL_FRACTION
+    rng: np.random.Generator,
+    choices,
+    n: int,
+    local_fraction: float = LOCAL_FRACTION,
+    exclude=(),
+    max_tries: int = 100,
 ) -> np.ndarray:
-    if not n:
-        return np.zeros((0, len(choices)), np.int64)
-    return np.stack(
-        [
-            local_genes(rng, choices)
-            if rng.random() < local_fraction
-            else sample_genes(rng, choices)
-            for _ in range(n)
-        ]
-    )
+    """n distinct genomes, none of them in `exclude` (so a genome measured twice cannot
+    sit on both sides of the predictor's train/test split). A tiny space may give fewer
+    than n after `max_tries` redraws of a duplicate."""
+    seen = {tuple(int(v) for v in g) for g in exclude}
+    out = []
+    for _ in range(n):
+        for _ in range(max_tries):
+            g = (
+                local_genes(rng, choices)
+                if rng.random() < local_fraction
+                else sample_genes(rng, choices)
+            )
+            key = tuple(int(v) for v in g)
+            if key not in seen:
+                seen.add(key)
+                out.append(g)
+                break
+    return np.stack(out) if out else np.zeros((0, len(choices)), np.int64)
 
 
 @dataclass(frozen=True)
