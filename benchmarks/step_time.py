@@ -47,6 +47,53 @@ def build(size: int, width: int, seed: int = 0):
     return model, net, cfg
 
 
+def floor_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of an FP32 step and of the same sandwich with quantization off
+    (three float passes of the BN-folded net, same losses, optimizer and clipping as
+    step_times): what no fake-quant implementation can get under. Interleaved."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch_size, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (cfg.batch_size,), generator=g)
+    fp = build_model("resnet20", num_classes=10, input_size=size, width=cfg.width)
+    fp.load_state_dict(model_fp32.state_dict())
+    fp.train()
+    opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3, momentum=0.9)
+    net.train()
+    params = list(net.parameters())
+    opt_q = torch.optim.Adam(
+        [{"params": net.weight_parameters(), "lr": 0.0}, {"params": net.quant_parameters(), "lr": 0.0}]
+    )
+
+    def fp_step():
+        opt_fp.zero_grad(set_to_none=True)
+        F.cross_entropy(fp(x), y).backward()
+        opt_fp.step()
+
+    def float_step():
+        opt_q.zero_grad(set_to_none=True)
+        sandwich_step(net, net, x, y, [None, None, None], cfg)
+        torch.nn.utils.clip_grad_value_(params, 1.0)
+        opt_q.step()
+
+    for _ in range(3):
+        fp_step()
+        float_step()
+    tf, tq = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fp_step()
+        tf.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        float_step()
+        tq.append(time.perf_counter() - t)
+    return statistics.median(tf), statistics.median(tq)
+
+
 def profile(size: int, width: int, steps: int) -> None:
     """cProfile of supernet steps (where Python time goes), sorted by own time."""
     import cProfile
@@ -82,8 +129,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=21, help="interleaved step pairs per setting (median)")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
     ap.add_argument("--profile", type=int, metavar="SIZE", choices=[16, 8], help="cProfile that setting instead")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="deployq.alloc.keep_freed_memory() first (glibc keeps freed buffers; both steps gain)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.keep_freed_memory:
+        from deployq.alloc import keep_freed_memory
+
+        print(f"keep_freed_memory: {keep_freed_memory()}")
     if args.profile:
         width = {s: w for _, s, w in SETTINGS}[args.profile]
         profile(args.profile, width, 10)
@@ -94,13 +150,14 @@ def main() -> None:
             continue
         model, net, cfg = build(size, width)
         tf, tq = step_times(model, net, cfg, size, args.repeats)
-        rows.append((title, tf, tq))
+        ff, fq = floor_times(model, net, cfg, size, args.repeats)
+        rows.append((title, tf, tq, fq / ff))
     print(f"Training step, batch {TrainConfig().batch_size}, 1 thread, median of {args.repeats} interleaved pairs:")
     print()
-    print("| setting | FP32 ms | supernet ms (GPG sandwich) | ratio |")
-    print("|---|---|---|---|")
-    for title, tf, tq in rows:
-        print(f"| {title} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x |")
+    print("| setting | FP32 ms | supernet ms (GPG sandwich) | ratio | floor: sandwich without fake-quant |")
+    print("|---|---|---|---|---|")
+    for title, tf, tq, floor in rows:
+        print(f"| {title} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {floor:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -335,7 +335,8 @@ class _QuantConv(torch.autograd.Function):
         if act is None:
             gx = gxq
         elif need_xq:
-            gx, g_as, g_az = afq.backward(gxq, xq, x, a_s, nig[0], nig[3])
+            # gxq is convolution_backward's fresh buffer: masked in place
+            gx, g_as, g_az = afq.backward(gxq, xq, x, a_s, nig[0], nig[3], reuse_g=True)
         gw = g_ws = g_wz = None
         if need_wq:
             gw, g_ws, g_wz = wfq.backward(gwq, wq, weight, w_s, nig[1], nig[5])

@@ -105,20 +105,33 @@ def _fq_forward(x, s, z, qmin: int, qmax: int, zero_offset: bool):
     return t, out.mul_(s)
 
 
-def _fq_backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, need_s: bool):
+def _fq_backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, need_s: bool, reuse_g: bool = False):
     """Straight-through / LSQ gradients (see _FakeQuant) w.r.t. x, s (shape of s) and z
     (shape of s; None unless z_mask is given: 1 where round(z) lies inside the grid).
     The s term sum(g * (q - z) - inside * g * x/s) is taken as
     (sum(g * out) - sum(inside * g * x)) / s: equal up to float rounding, and neither
-    x / s nor q - z has to be kept from the forward."""
+    x / s nor q - z has to be kept from the forward. reuse_g: g is a buffer of the
+    caller's own (no one else reads it): x's gradient is written into it."""
     gx = gs = gz = None
+    per_tensor = s.numel() == 1
+    if reuse_g and per_tensor and g.is_contiguous():
+        # the sums over g first, then g masked in place: one activation-sized buffer less
+        g_out = torch.dot(g.view(-1), out.reshape(-1)) if need_s else None
+        g_sum = g.sum() if z_mask is not None else None
+        gin = torch.ops.aten.hardtanh_backward.grad_input(g, t, *bounds, grad_input=g)
+        if need_x:
+            gx = gin
+        if need_s:
+            gs = (g_out - torch.dot(gin.view(-1), x.reshape(-1))).view(s.shape) / s * grad_factor
+        if z_mask is not None:
+            gz = (gin.sum() - g_sum).view(s.shape) * s * z_mask * grad_factor
+        return gx, gs, gz
     # g restricted to the unclamped elements: x's gradient, and the -x/s term of s's
     gin = None
     if need_x or need_s or z_mask is not None:
         gin = torch.ops.aten.hardtanh_backward(g, t, *bounds)
     if need_x:
         gx = gin
-    per_tensor = s.numel() == 1
     if need_s:
         if per_tensor:
             gs = torch.dot(g.reshape(-1), out.reshape(-1)) - torch.dot(gin.reshape(-1), x.reshape(-1))
@@ -202,10 +215,11 @@ class LearnedFQ:
         self.z_shape = None if raw_zero_point is None else raw_zero_point.shape
         return out, scale
 
-    def backward(self, g, out, x, raw_scale, need_x: bool, need_s: bool):
-        """(d x, d raw_scale, d raw_zero_point); out and x as in forward (x only if need_s)."""
+    def backward(self, g, out, x, raw_scale, need_x: bool, need_s: bool, reuse_g: bool = False):
+        """(d x, d raw_scale, d raw_zero_point); out and x as in forward (x only if need_s);
+        reuse_g: g may be overwritten (see _fq_backward)."""
         gx, gs, gz = _fq_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
-                                  need_x, need_s)
+                                  need_x, need_s, reuse_g)
         if gs is not None:
             # through scale = clamp(|raw|, min_scale), as autograd differentiates it
             gs = torch.where(self.a >= self.min_scale, gs.view(self.s_shape), 0.0) * raw_scale.sgn()

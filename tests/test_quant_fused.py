@@ -80,8 +80,9 @@ def test_learned_fake_quant_matches_the_composite_through_abs_and_clamp(seed, k,
 
 
 def _net(seed: int = 0, size: int = 8):
-    torch.manual_seed(seed)
-    model = build_model("resnet20", num_classes=10, input_size=size, width=4).eval()
+    with torch.random.fork_rng():  # leave the global RNG as other tests expect it
+        torch.manual_seed(seed)
+        model = build_model("resnet20", num_classes=10, input_size=size, width=4).eval()
     net = convert(model, ElasticSpace())
     g = torch.Generator().manual_seed(seed)
     net.calibrate([torch.randn(16, 3, size, size, generator=g)])
