@@ -134,7 +134,8 @@ def _print_summary(r) -> None:
         within = "within" if r.budget.met(u.cost) else "over"
         t.add_row(
             f"uniform w{u.bits}a{u.bits}",
-            f"measured {u.measured:.4f}, predicted {u.predicted:.4f}, cost {c(u.cost)} ({within} budget)",
+            f"measured top-1 {u.measured:.4f}, predicted {u.predicted:.4f} ({what}), "
+            f"cost {c(u.cost)} ({within} budget)",
         )
     t.add_row("time", f"{r.timings['total_s']:.1f} s (measuring {r.timings['sampling_s']:.1f} s)")
     for p in r.outputs:
