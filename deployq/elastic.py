@@ -68,7 +68,26 @@ def _cell_list(n: int, shape: tuple[int, ...], fill: float) -> nn.ParameterList:
     return nn.ParameterList([nn.Parameter(torch.full(shape, fill)) for _ in range(n)])
 
 
-class WeightQuantizer(nn.Module):
+def _drop_caches(module: nn.Module) -> None:
+    for k in ("_cells", "_cell_cache"):
+        module.__dict__.pop(k, None)
+
+
+class _CachingQuantizer(nn.Module):
+    """A quantizer that caches its per-spec cell lookups (Parameters by identity): the
+    caches are dropped whenever parameters may be replaced (load_state_dict with
+    assign=True, .to() with the overwrite flag)."""
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        _drop_caches(self)
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):
+        _drop_caches(self)
+        return super()._apply(*args, **kwargs)
+
+
+class WeightQuantizer(_CachingQuantizer):
     """Holds the step sizes / zero-points of one weight tensor for every cell."""
 
     def __init__(self, channels: int, bits: Iterable[int]):
@@ -102,8 +121,7 @@ class WeightQuantizer(nn.Module):
 
     def _cell(self, spec: QuantSpec, numel: int):
         # The per-spec lookups (ModuleDict, ParameterList, bits index) cost more than the
-        # quantization of a small weight; they are resolved once. The Parameters are the
-        # same objects for the module's life (load_state_dict and .to() copy into them).
+        # quantization of a small weight; they are resolved once (see _CachingQuantizer).
         key = (spec, numel)
         hit = self.__dict__.setdefault("_cells", {}).get(key)
         if hit is None:
@@ -135,7 +153,7 @@ class WeightQuantizer(nn.Module):
                     self.zero_point[cell][i].copy_(z.reshape(self.zero_point[cell][i].shape))
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(_CachingQuantizer):
     """Per-tensor activation quantizer with a cell per (bits, kind)."""
 
     def __init__(self, bits: Iterable[int]):

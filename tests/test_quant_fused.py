@@ -194,3 +194,8 @@ def test_cached_cells_follow_a_loaded_state_dict():
         a.set_active(spec)
         b.set_active(spec)
         assert torch.equal(_bits(a(x)), _bits(b(x)))
+        # assign=True replaces the Parameters themselves: the cached cells must follow
+        c = _net(seed=1)
+        c.set_active(spec)
+        b.load_state_dict(c.state_dict(), assign=True)
+        assert torch.equal(_bits(c(x)), _bits(b(x)))
