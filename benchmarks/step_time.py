@@ -8,7 +8,11 @@ Steps are interleaved (FP32, supernet, FP32, ...) so machine load hits both alik
 medians of `--repeats`, one torch thread, batch 64. Uses `step_times` of
 benchmarks/supernet_accuracy.py so both benchmarks time the same thing.
 
-Run:  python benchmarks/step_time.py [--repeats 21] [--profile 8]
+The last column is the floor: the same sandwich with quantization off (three float
+passes of the BN-folded net, same losses and optimizer), interleaved with FP32 steps.
+--keep-freed-memory runs deployq.alloc.keep_freed_memory() first (both steps gain).
+
+Run:  python benchmarks/step_time.py [--repeats 21] [--keep-freed-memory] [--profile 8]
 """
 
 from __future__ import annotations
