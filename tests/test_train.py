@@ -229,3 +229,23 @@ def test_eval_bad_inputs(capsys, tmp_path, trained):
     _fails(capsys, ["eval", str(trained), "--config", str(other)], "does not fit")
     _png_tree(tmp_path / "three", ["a", "b", "c"])
     _fails(capsys, ["eval", str(trained), "--data", str(tmp_path / "three"), "--split", "all"], "differ")
+
+
+def test_cli_train_defaults_are_the_library_defaults():
+    """The CLI spells its defaults out (command modules must not import torch at import
+    time); they must not drift from TrainConfig's, which the benchmarks measure."""
+    import inspect
+
+    import typer
+
+    from deployq.commands import train as train_cmd
+
+    app = typer.Typer()
+    train_cmd.register(app)
+    (fn,) = [c.callback for c in app.registered_commands if c.name == "train"]
+    params = inspect.signature(fn).parameters
+    cfg = TrainConfig()
+    pairs = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr_weights", "lr_quant": "lr_quant",
+             "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr"}
+    for cli_name, field in pairs.items():
+        assert params[cli_name].default == getattr(cfg, field), cli_name
