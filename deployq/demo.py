@@ -391,7 +391,8 @@ def _run(config: DemoConfig, out: Path, work: Path, budget, progress: bool, t_st
         ), progress=progress)
         stage.say(f"chosen: {bits_label(sr.spec)}, cost {sr.cost:.3g} (budget {sr.budget.value:g}), measured "
                   f"{100 * sr.measured_acc:.2f}% on held-out training images; predictor Kendall tau "
-                  f"{sr.metrics.kendall_tau:.3f}")
+                  f"{sr.metrics.kendall_tau:.3f} vs {sr.metrics.target} accuracy, "
+                  f"{sr.metrics.kendall_tau_top1:.3f} vs top-1")
 
     # name, profile, spec (None = fp32)
     jobs: list[tuple[str, object, object]] = [("fp32", None, None)]
@@ -474,6 +475,8 @@ def _run(config: DemoConfig, out: Path, work: Path, budget, progress: bool, t_st
         "measured_acc": sr.measured_acc,
         "predicted_acc": sr.predicted_acc,
         "kendall_tau": sr.metrics.kendall_tau,
+        "kendall_tau_target": sr.metrics.target,
+        "kendall_tau_top1": sr.metrics.kendall_tau_top1,
         "rmse": sr.metrics.rmse,
         "bits": bits_label(sr.spec),
     }
