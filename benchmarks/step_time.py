@@ -10,9 +10,9 @@ benchmarks/supernet_accuracy.py so both benchmarks time the same thing.
 
 The last column is the floor: the same sandwich with quantization off (three float
 passes of the BN-folded net, same losses and optimizer), interleaved with FP32 steps.
---keep-freed-memory runs deployq.alloc.keep_freed_memory() first (both steps gain).
+deployq.alloc.keep_freed_memory() runs first, as in train() (--no-keep-freed-memory: glibc defaults).
 
-Run:  python benchmarks/step_time.py [--repeats 21] [--keep-freed-memory] [--profile 8]
+Run:  python benchmarks/step_time.py [--repeats 21] [--no-keep-freed-memory] [--profile 8]
 """
 
 from __future__ import annotations
@@ -49,53 +49,6 @@ def build(size: int, width: int, seed: int = 0):
     net = convert(model, cfg.space)
     net.calibrate([torch.randn(64, 3, size, size) for _ in range(2)])
     return model, net, cfg
-
-
-def floor_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of an FP32 step and of the same sandwich with quantization off
-    (three float passes of the BN-folded net, same losses, optimizer and clipping as
-    step_times): what no fake-quant implementation can get under. Interleaved."""
-    import statistics
-    import time
-
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg.batch_size, 3, size, size, generator=g)
-    y = torch.randint(0, 10, (cfg.batch_size,), generator=g)
-    fp = build_model("resnet20", num_classes=10, input_size=size, width=cfg.width)
-    fp.load_state_dict(model_fp32.state_dict())
-    fp.train()
-    opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3, momentum=0.9)
-    net.train()
-    params = list(net.parameters())
-    opt_q = torch.optim.Adam(
-        [{"params": net.weight_parameters(), "lr": 0.0}, {"params": net.quant_parameters(), "lr": 0.0}]
-    )
-
-    def fp_step():
-        opt_fp.zero_grad(set_to_none=True)
-        F.cross_entropy(fp(x), y).backward()
-        opt_fp.step()
-
-    def float_step():
-        opt_q.zero_grad(set_to_none=True)
-        sandwich_step(net, net, x, y, [None, None, None], cfg)
-        torch.nn.utils.clip_grad_value_(params, 1.0)
-        opt_q.step()
-
-    for _ in range(3):
-        fp_step()
-        float_step()
-    tf, tq = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fp_step()
-        tf.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        float_step()
-        tq.append(time.perf_counter() - t)
-    return statistics.median(tf), statistics.median(tq)
 
 
 def profile(size: int, width: int, steps: int) -> None:
@@ -135,8 +88,10 @@ def main() -> None:
     ap.add_argument("--profile", type=int, metavar="SIZE", choices=[16, 8], help="cProfile that setting instead")
     ap.add_argument(
         "--keep-freed-memory",
-        action="store_true",
-        help="deployq.alloc.keep_freed_memory() first (glibc keeps freed buffers; both steps gain)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="deployq.alloc.keep_freed_memory() first, as train() does (both steps gain); "
+        "--no-keep-freed-memory measures glibc's defaults",
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -154,7 +109,7 @@ def main() -> None:
             continue
         model, net, cfg = build(size, width)
         tf, tq = step_times(model, net, cfg, size, args.repeats)
-        ff, fq = floor_times(model, net, cfg, size, args.repeats)
+        ff, fq = step_times(model, net, cfg, size, args.repeats, quantized=False)
         rows.append((title, tf, tq, fq / ff))
     print(f"Training step, batch {TrainConfig().batch_size}, 1 thread, median of {args.repeats} interleaved pairs:")
     print()

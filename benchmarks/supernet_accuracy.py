@@ -85,9 +85,12 @@ def fmt_row(label: str, form_label: str, row: dict[int, float], fp32: float | No
     return f"| {label} | {form_label} | " + " | ".join(cells) + " |"
 
 
-def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int) -> tuple[float, float]:
+def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
+               quantized: bool = True) -> tuple[float, float]:
     """Median seconds of one FP32 training step and one supernet step (same batch of
-    cfg.batch_size), measured interleaved so machine load hits both alike."""
+    cfg.batch_size), measured interleaved so machine load hits both alike. With
+    quantized=False the sandwich runs three float passes of the BN-folded net (same
+    losses, optimizer, clipping): the floor no fake-quant implementation gets under."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch_size, 3, size, size, generator=g)
     y = torch.randint(0, 10, (cfg.batch_size,), generator=g)
@@ -107,7 +110,7 @@ def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int) -> tu
         opt_fp.step()
 
     def q_step(i):
-        specs = choose_subnets(net, random.Random(i), cfg)
+        specs = choose_subnets(net, random.Random(i), cfg) if quantized else [None] * 3
         opt_q.zero_grad(set_to_none=True)
         sandwich_step(net, net, x, y, specs, cfg)
         torch.nn.utils.clip_grad_value_(params, 1.0)
