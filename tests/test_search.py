@@ -35,16 +35,6 @@ SNPE = Form(False, False, False, False)
 CPU = Form(True, True, False, False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2-core CI machines run several test processes: torch's intra-op threads then spin
-    # against each other and small kernels get 10-50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Tiny(nn.Module):
     """c1 (fixed) -> c2 (+ residual add) -> c3 (1x1, stride 2) -> fc (fixed)."""
 
