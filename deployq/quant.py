@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from deployq.kernels import fq as _kernel
 from deployq.spec import QuantSpec
 
 # Exponent of the calibration error |x - Q(x)|^p (EQ-Net reference).
@@ -93,7 +94,11 @@ def _fq_forward(x, s, z, qmin: int, qmax: int, zero_offset: bool):
     two buffers, the rest in place: at training sizes the passes are memory-bound, and a
     fresh buffer per op also evicts the conv's working set. z is the rounded, clamped
     zero-point or None; zero_offset adds a zero-point of 0 as the reference does (it turns
-    round()'s -0.0 into +0.0), and then q - 0 is q bit for bit and is skipped."""
+    round()'s -0.0 into +0.0), and then q - 0 is q bit for bit and is skipped.
+    Contiguous float32 CPU tensors run the compiled kernel (deployq.kernels): one pass."""
+    fused = _kernel.forward(x, s, z, qmin, qmax, zero_offset)
+    if fused is not None:
+        return fused
     t = torch.div(x, s).round_()
     if z is not None:
         t.add_(z)
@@ -111,7 +116,11 @@ def _fq_backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, nee
     The s term sum(g * (q - z) - inside * g * x/s) is taken as
     (sum(g * out) - sum(inside * g * x)) / s: equal up to float rounding, and neither
     x / s nor q - z has to be kept from the forward. reuse_g: g is a buffer of the
-    caller's own (no one else reads it): x's gradient is written into it."""
+    caller's own (no one else reads it): x's gradient is written into it.
+    Contiguous float32 CPU tensors outside grad mode run the compiled kernel: one pass."""
+    fused = _kernel.backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x, need_s, reuse_g)
+    if fused is not None:
+        return fused
     gx = gs = gz = None
     per_tensor = s.numel() == 1
     if reuse_g and per_tensor and g.is_contiguous():

@@ -1,0 +1,159 @@
+"""Optional compiled CPU kernels (fused fake-quant forward / backward).
+
+The C source ships as package data and is compiled on first use with the system C
+compiler ($CC, else `cc`) into a per-user cache (DEPLOYQ_KERNEL_CACHE, else
+$XDG_CACHE_HOME/deployq/kernels, else ~/.cache/deployq/kernels), keyed by the source,
+the compiler command, the flags and the machine, so a shared home never loads a binary
+built for another CPU. The file is written under a temporary name and renamed: two DDP
+ranks compiling at once both end with one complete file. No compiler, a failed build
+or DEPLOYQ_KERNELS=0: `get()` returns None and callers use their torch code (a
+debug-level log line, no error). No Python build step, no new dependency.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = "fakequant.c"
+ABI = 1  # deployq_fq_abi() of a binary this loader can call
+# Never -ffast-math: the forward must be IEEE bit for bit (ONNX parity). -ffp-contract=off:
+# no fused multiply-adds (GCC contracts by default in GNU C mode).
+BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off")
+NATIVE_FLAGS = ("-march=native",)
+
+_UNSET = object()
+_lib = _UNSET
+
+
+def enabled() -> bool:
+    return os.environ.get("DEPLOYQ_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("DEPLOYQ_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deployq" / "kernels"
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def _machine_id() -> str:
+    """What -march=native depends on: architecture plus the CPU's model and features."""
+    parts = [platform.system(), platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU implementer", "CPU part", "cpu model"):
+                    parts.append(line.strip())
+                if line.strip() == "" and len(parts) > 2:
+                    break  # the first processor's block is enough
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def _key(source: bytes, cc: list[str], flags: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for part in (source, "\0".join(cc).encode(), "\0".join(flags).encode(), _machine_id().encode()):
+        h.update(part)
+        h.update(b"\1")
+    return h.hexdigest()[:20]
+
+
+def _compile(cc: list[str], flags: tuple[str, ...], src: Path, dst: Path) -> bool:
+    """Build src into dst atomically; False (and nothing at dst) if the compiler fails."""
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([*cc, *flags, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            log.debug("kernel build failed (%s): %s", " ".join([*cc, *flags]), r.stderr.strip()[-500:])
+            return False
+        os.replace(tmp, dst)
+        return True
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("kernel build failed (%s): %s", " ".join(cc), e)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build(directory: Path | None = None) -> tuple[Path, bool] | None:
+    """(path of the compiled library, whether this call compiled it), or None when it
+    cannot be built. Tries -march=native first, then the portable flags."""
+    directory = cache_dir() if directory is None else Path(directory)
+    cc = _compiler()
+    source = resources.files(__name__).joinpath(SOURCE).read_bytes()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.debug("kernel cache %s not usable: %s", directory, e)
+        return None
+    with tempfile.TemporaryDirectory() as td:
+        src = Path(td) / SOURCE
+        src.write_bytes(source)
+        for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
+            dst = directory / f"fakequant-{_key(source, cc, flags)}.so"
+            if dst.exists():
+                return dst, False
+            if _compile(cc, flags, src, dst):
+                return dst, True
+    return None
+
+
+def _bind(path: Path) -> ctypes.CDLL | None:
+    lib = ctypes.CDLL(str(path))
+    lib.deployq_fq_abi.restype = ctypes.c_int
+    if lib.deployq_fq_abi() != ABI:
+        return None
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.deployq_fq_forward.argtypes = [p, p, p, i64, i64, p, p, i32, f32, f32]
+    lib.deployq_fq_forward.restype = None
+    lib.deployq_fq_backward.argtypes = [p, p, p, p, p, i64, i64, f32, f32, p, p, f32, p, p]
+    lib.deployq_fq_backward.restype = None
+    return lib
+
+
+def load(directory: Path | None = None) -> ctypes.CDLL | None:
+    """Build (or reuse) and load the library; None if it is disabled or cannot be built."""
+    if not enabled():
+        return None
+    try:
+        built = build(directory)
+        return None if built is None else _bind(built[0])
+    except OSError as e:  # unreadable cache, a binary that does not load
+        log.debug("kernel load failed: %s", e)
+        return None
+
+
+def get() -> ctypes.CDLL | None:
+    """The process-wide library (built on the first call), or None: use the torch path."""
+    global _lib
+    if _lib is _UNSET:
+        _lib = load()
+        if _lib is None:
+            log.debug("deployq kernels unavailable; using the torch path")
+    return _lib
+
+
+def reset() -> None:
+    """Forget the loaded library (tests; after changing DEPLOYQ_KERNELS or CC)."""
+    global _lib
+    _lib = _UNSET

@@ -1,0 +1,145 @@
+/* Fused fake-quant forward and backward for contiguous float32 CPU tensors
+ * (deployq/quant.py's _fq_forward / _fq_backward in one pass each).
+ *
+ * Layout: x is [C, K] (C = 1: per-tensor; C > 1: per channel along axis 0).
+ * The float ops are those of the torch path in the same order, so the same bits:
+ *   t = rne(x / s) (+ z);  out = (clamp(t, qmin, qmax) (- z)) * s
+ * Must be compiled without -ffast-math and with -ffp-contract=off: the bits are the
+ * contract (ONNX QuantizeLinear / DequantizeLinear), and `q + 0.0f` (which turns
+ * -0.0 into +0.0) must not be folded away.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Round half to even under the default rounding mode, as nearbyintf (and
+ * torch.round): adding 2^23 leaves no fraction bits, so the FPU rounds; the sign
+ * (including -0.0) is put back. Vectorises with plain SSE2, unlike a libm call. */
+static inline float rne(float v) {
+    float a = fabsf(v);
+    float r = a < 8388608.0f ? (a + 8388608.0f) - 8388608.0f : a;
+    return copysignf(r, v);
+}
+
+/* torch.clamp: NaN propagates, an equal value (e.g. -0.0 at qmin 0) is kept */
+static inline float clampf(float v, float lo, float hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+int deployq_fq_abi(void) { return 1; }
+
+/* mode 0: no zero-point (t = rne(x/s)); 1: t += z, no subtraction (a fixed zero-point
+ * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. */
+static inline __attribute__((always_inline)) void fwd_row(const float *x, float *t, float *out, int64_t k,
+                                                          float s, float z, const int mode, float qmin,
+                                                          float qmax) {
+    for (int64_t i = 0; i < k; i++) {
+        float q = rne(x[i] / s);
+        if (mode >= 1) q = q + z;
+        t[i] = q;
+        float o = clampf(q, qmin, qmax);
+        if (mode == 2) o = o - z;
+        out[i] = o * s;
+    }
+}
+
+void deployq_fq_forward(const float *x, float *t, float *out, int64_t c, int64_t k, const float *s,
+                        const float *z, int mode, float qmin, float qmax) {
+    for (int64_t j = 0; j < c; j++) {
+        const float sj = s[j];
+        const float zj = mode == 2 ? z[j] : 0.0f;
+        const int64_t o = j * k;
+        if (mode == 0)
+            fwd_row(x + o, t + o, out + o, k, sj, 0.0f, 0, qmin, qmax);
+        else if (mode == 1)
+            fwd_row(x + o, t + o, out + o, k, sj, 0.0f, 1, qmin, qmax);
+        else
+            fwd_row(x + o, t + o, out + o, k, sj, zj, 2, qmin, qmax);
+    }
+}
+
+/* One row of the backward: gin = g where lo < t < hi (hardtanh_backward), written to gx
+ * (may alias g); sums in double over NA independent lanes (vectorisable without
+ * reassociation, and a fixed order): sg_out = sum g*out, sgin_x = sum gin*x,
+ * sclip = sum (gin - g) = -(sum of g over clamped elements). */
+#define NA 16
+/* hardtanh_backward: g where lo < t < hi (NaN t keeps g), else +0.0; a bit mask rather
+ * than a select, which GCC does not always if-convert in these loops */
+static inline float keep(float gv, float tv, float lo, float hi) {
+    uint32_t gb, m = (tv <= lo) | (tv >= hi) ? 0u : 0xffffffffu;
+    memcpy(&gb, &gv, 4);
+    gb &= m;
+    memcpy(&gv, &gb, 4);
+    return gv;
+}
+static inline __attribute__((always_inline)) void bwd_row(const float *g, const float *t, const float *out,
+                                                          const float *x, float *gx, int64_t k, float lo,
+                                                          float hi, const int dx, const int ds, const int dz,
+                                                          double *res) {
+    double a1[NA] = {0}, a2[NA] = {0}, a3[NA] = {0};
+    int64_t i = 0;
+    /* ivdep: gx may be g itself; each element is read before it is written, so there is
+     * no dependence, but GCC's runtime alias check would pick the scalar loop. */
+    for (; i + NA <= k; i += NA) {
+#pragma GCC ivdep
+        for (int l = 0; l < NA; l++) {
+            float gv = g[i + l];
+            float gi = keep(gv, t[i + l], lo, hi);
+            if (ds) {
+                a1[l] += (double)gv * (double)out[i + l];
+                a2[l] += (double)gi * (double)x[i + l];
+            }
+            if (dz) a3[l] += (double)gi - (double)gv;
+            if (dx) gx[i + l] = gi;
+        }
+    }
+    for (int l = 0; i < k; i++, l++) {
+        float gv = g[i];
+        float gi = keep(gv, t[i], lo, hi);
+        if (ds) {
+            a1[l] += (double)gv * (double)out[i];
+            a2[l] += (double)gi * (double)x[i];
+        }
+        if (dz) a3[l] += (double)gi - (double)gv;
+        if (dx) gx[i] = gi;
+    }
+    double s1 = 0, s2 = 0, s3 = 0;
+    for (int l = 0; l < NA; l++) {
+        s1 += a1[l];
+        s2 += a2[l];
+        s3 += a3[l];
+    }
+    res[0] = s1 - s2;
+    res[1] = s3;
+}
+
+/* gx: x's gradient (NULL: not needed; may be g itself); gs: s's gradient per channel
+ * (NULL: not needed) = (sum g*out - sum gin*x) / s * gf; gz (NULL unless zmask) =
+ * sum(gin - g) * s * zmask * gf: the torch path's float ops after the sums. */
+void deployq_fq_backward(const float *g, const float *t, const float *out, const float *x, float *gx,
+                         int64_t c, int64_t k, float lo, float hi, const float *s, const float *zmask,
+                         float gf, float *gs, float *gz) {
+    const int dx = gx != 0, ds = gs != 0, dz = gz != 0;
+    for (int64_t j = 0; j < c; j++) {
+        const int64_t o = j * k;
+        double r[2];
+        const float *xo = ds ? x + o : 0, *oo = ds ? out + o : 0;
+        float *gxo = dx ? gx + o : 0;
+        int v = dx * 4 + ds * 2 + dz;
+        switch (v) {
+            case 0: r[0] = r[1] = 0; break;
+            case 1: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 0, 0, 1, r); break;
+            case 2: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 0, 1, 0, r); break;
+            case 3: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 0, 1, 1, r); break;
+            case 4:  /* x's gradient only: a plain loop (no sums) */
+                for (int64_t i = 0; i < k; i++) gxo[i] = keep(g[o + i], t[o + i], lo, hi);
+                r[0] = r[1] = 0;
+                break;
+            case 5: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 1, 0, 1, r); break;
+            case 6: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 1, 1, 0, r); break;
+            default: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 1, 1, 1, r); break;
+        }
+        if (ds) gs[j] = ((float)r[0] / s[j]) * gf;
+        if (dz) gz[j] = (((float)r[1] * s[j]) * zmask[j]) * gf;
+    }
+}

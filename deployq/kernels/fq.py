@@ -1,0 +1,80 @@
+"""Fused fake-quant on the compiled kernel (fakequant.c): the forward and backward of
+deployq.quant._fq_forward / _fq_backward in one pass each. Each function returns None
+when the kernel does not apply (kernel unavailable or disabled, not contiguous float32
+CPU tensors, a scale that is neither per-tensor nor per-channel along axis 0, or grad
+mode on, i.e. a double backward that must be traced): the caller then runs its torch
+code. Same bits forward; gradients equal up to float rounding (sums in double)."""
+
+from __future__ import annotations
+
+import torch
+
+from deployq.kernels import get
+
+_F32 = torch.float32
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.dtype == _F32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+def _channels(x: torch.Tensor, s: torch.Tensor) -> int | None:
+    """C when s is per-tensor (1) or per channel along axis 0 of x ([C, 1, ...]); else None."""
+    n = s.numel()
+    if not _dense(s) or s.dim() > x.dim():
+        return None
+    if n == 1:
+        return 1
+    if s.dim() == x.dim() and x.dim() > 0 and s.shape[0] == x.shape[0] == n:
+        return n
+    return None
+
+
+def forward(x, s, z, qmin: int, qmax: int, zero_offset: bool):
+    """(t, out) as _fq_forward, or None."""
+    lib = get()
+    if lib is None or not _dense(x) or x.numel() == 0:
+        return None
+    c = _channels(x, s)
+    if c is None:
+        return None
+    if z is not None and not (_dense(z) and z.numel() == c and (c == 1 or z.shape == s.shape)):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad or (z is not None and z.requires_grad)):
+        return None
+    t = torch.empty_like(x)
+    out = torch.empty_like(x)
+    mode = 2 if z is not None else (1 if zero_offset else 0)
+    lib.deployq_fq_forward(
+        x.data_ptr(), t.data_ptr(), out.data_ptr(), c, x.numel() // c, s.data_ptr(),
+        z.data_ptr() if z is not None else None, mode, float(qmin), float(qmax),
+    )
+    return t, out
+
+
+def backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, need_s: bool, reuse_g: bool):
+    """(gx, gs, gz) as _fq_backward, or None. reuse_g: x's gradient is written into g."""
+    if not (need_x or need_s or z_mask is not None):
+        return None
+    lib = get()
+    if lib is None or torch.is_grad_enabled() or not (_dense(g) and _dense(t)) or g.shape != t.shape:
+        return None
+    c = _channels(t, s)
+    if c is None or g.numel() == 0:
+        return None
+    if need_s and not (_dense(out) and _dense(x) and out.shape == t.shape and x.shape == t.shape):
+        return None
+    if z_mask is not None and not (_dense(z_mask) and z_mask.shape == s.shape):
+        return None
+    gx = (g if reuse_g else torch.empty_like(g)) if need_x else None
+    gs = torch.empty(s.shape) if need_s else None
+    gz = torch.empty(s.shape) if z_mask is not None else None
+    lib.deployq_fq_backward(
+        g.data_ptr(), t.data_ptr(),
+        out.data_ptr() if need_s else None, x.data_ptr() if need_s else None,
+        gx.data_ptr() if gx is not None else None,
+        c, g.numel() // c, float(bounds[0]), float(bounds[1]), s.data_ptr(),
+        z_mask.data_ptr() if z_mask is not None else None, float(grad_factor),
+        gs.data_ptr() if gs is not None else None, gz.data_ptr() if gz is not None else None,
+    )
+    return gx, gs, gz

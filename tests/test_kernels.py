@@ -1,0 +1,233 @@
+"""The compiled fake-quant kernel (deployq.kernels) against the torch path of
+deployq.quant: same forward bits, gradients to float rounding, and the loader's
+fallback and cache. The kernel is built once per session into a temporary directory
+(a fresh machine needs no warm cache in $HOME)."""
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import deployq.kernels as kernels
+from deployq.elastic import convert
+from deployq.kernels import fq
+from deployq.models import build_model
+from deployq.quant import _fq_backward, _fq_forward, fake_quant, fake_quant_reference
+from deployq.spec import ElasticSpace
+
+GRIDS = [(-128, 127), (0, 255), (-2, 1), (0, 3), (-8, 7)]
+
+
+@pytest.fixture(scope="session")
+def kernel_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(scope="session")
+def lib(kernel_dir):
+    """The kernel built into a session tmp dir, whatever DEPLOYQ_KERNELS the run has."""
+    if shutil.which((kernels._compiler() or ["cc"])[0]) is None:
+        pytest.fail("no C compiler ($CC / cc): the kernel tests need one")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEPLOYQ_KERNELS", "1")
+        lib = kernels.load(kernel_dir)
+    assert lib is not None, "the kernel did not build"
+    return lib
+
+
+@pytest.fixture
+def use(lib, monkeypatch):
+    """use(True): the kernel; use(False): the torch path (get() returns None)."""
+
+    def set_(on: bool):
+        monkeypatch.setattr(kernels, "_lib", lib if on else None)
+
+    yield set_
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@st.composite
+def cases(draw):
+    """(x, s, z, qmin, qmax, zero_offset): per-tensor or per-channel along axis 0; powers of
+    two for s half the time so that x = (k + 0.5) * s are exact ties; -0.0, values far
+    outside the grid (saturation), z = -0.0."""
+    qmin, qmax = draw(st.sampled_from(GRIDS))
+    per_channel = draw(st.booleans())
+    c = draw(st.integers(1, 5)) if per_channel else 1
+    k = draw(st.integers(1, 70))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):
+        s = 2.0 ** rng.integers(-6, 3, size=c)
+    else:
+        s = rng.uniform(1e-3, 2.0, size=c)
+    s = torch.tensor(s, dtype=torch.float32)
+    kind = rng.integers(0, 4, size=(c, k))
+    x = torch.tensor(rng.normal(0, 1, size=(c, k)) * (qmax - qmin) / 2, dtype=torch.float32) * s[:, None]
+    ties = (torch.tensor(rng.integers(2 * qmin - 4, 2 * qmax + 4, size=(c, k)), dtype=torch.float32) + 0.5)
+    x = torch.where(torch.tensor(kind == 1), ties * s[:, None], x)
+    x = torch.where(torch.tensor(kind == 2), torch.tensor(-0.0), x)
+    x = torch.where(torch.tensor(kind == 3), x * 1e3, x)  # saturates
+    mode = draw(st.sampled_from(["sym", "offset", "z"]))
+    z = None
+    if mode == "z":
+        z = torch.tensor(rng.integers(qmin, qmax + 1, size=c), dtype=torch.float32)
+        z[z == 0] = -0.0 if draw(st.booleans()) else 0.0  # round() of a small negative zero-point
+    shape = (c, k) if per_channel else (k * c,)
+    x = x.reshape(shape)
+    sv = s.view(c, 1) if per_channel else s[:1]
+    zv = None if z is None else (z.view(c, 1) if per_channel else z[:1])
+    return x, sv, zv, qmin, qmax, mode == "offset"
+
+
+# `use` only switches a module attribute, idempotently: safe to share across examples
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases(), gf=st.sampled_from([1.0, 0.01]), flags=st.sampled_from(
+    [(True, True, True), (True, False, False), (False, True, False), (True, True, False), (True, False, True)]),
+       with_z=st.booleans())
+def test_kernel_equals_the_torch_path(use, case, gf, flags, with_z):
+    x, s, z, qmin, qmax, zero_offset = case
+    use(False)
+    t_ref, out_ref = _fq_forward(x, s, z, qmin, qmax, zero_offset)
+    use(True)
+    assert fq.forward(x, s, z, qmin, qmax, zero_offset) is not None  # the kernel ran
+    t, out = _fq_forward(x, s, z, qmin, qmax, zero_offset)
+    assert torch.equal(_bits(out), _bits(out_ref))  # signs of zeros included
+    assert torch.equal(_bits(t), _bits(t_ref))
+
+    need_x, need_s, reuse = flags
+    zmask = None if z is None or not with_z else (z.abs() < qmax).float()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(x.numel())))
+    bounds = (qmin - 0.5, qmax + 0.5)
+    with torch.no_grad():  # as in an autograd backward (without create_graph)
+        use(False)
+        ref = _fq_backward(g.clone(), t, out, x, s, zmask, bounds, gf, need_x, need_s, reuse)
+        use(True)
+        g_own = g.clone()
+        got = _fq_backward(g_own, t, out, x, s, zmask, bounds, gf, need_x, need_s, reuse)
+    for a, b in zip(got, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * gf * float(g.abs().sum()))
+    if need_x:
+        assert torch.equal(got[0], ref[0])  # a mask of g: exact
+        assert (got[0].data_ptr() == g_own.data_ptr()) == reuse
+
+
+def test_forward_equals_the_onnx_reference_on_asymmetric_grids(use):
+    """Bit for bit against fake_quant_reference (ONNX Q/DQ), ties and -0.0 included."""
+    use(True)
+    s = torch.tensor([0.25])
+    x = torch.tensor([-0.0, 0.0, 0.125, -0.125, 0.375, -0.375, 100.0, -100.0, 0.1, -0.05] * 7)
+    for qmin, qmax in GRIDS:
+        for zv in (0.0, -0.0, float(qmin + 1)):
+            z = torch.tensor([zv])
+            assert fq.forward(x, s, torch.round(z).clamp(qmin, qmax), qmin, qmax, False) is not None
+            got = fake_quant(x, s, z, qmin, qmax)
+            assert torch.equal(_bits(got), _bits(fake_quant_reference(x, s, z, qmin, qmax)))
+
+
+def test_tensors_the_kernel_does_not_take_use_the_torch_path(use):
+    use(True)
+    s = torch.tensor([0.1])
+    x = torch.randn(4, 6)
+    assert fq.forward(x.t(), s, None, -8, 7, False) is None  # not contiguous
+    assert fq.forward(x.double(), s.double(), None, -8, 7, False) is None
+    assert fq.forward(x, torch.rand(1, 6) + 0.1, None, -8, 7, False) is None  # per channel on axis 1
+    assert fq.forward(x, torch.rand(4, 1) + 0.1, None, -8, 7, False) is not None
+    # inside a traced (double) backward: the torch ops, so that autograd records them
+    t, out = _fq_forward(x, s, None, -8, 7, False)
+    with torch.enable_grad():
+        assert fq.backward(x, t, out, x, s, None, (-8.5, 7.5), 1.0, True, True, False) is None
+    # and the public op still works on them
+    xt = x.t()
+    torch.testing.assert_close(fake_quant(xt, s, None, -8, 7), fake_quant(xt.contiguous(), s, None, -8, 7))
+
+
+def test_supernet_gradients_with_and_without_the_kernel(use):
+    """The call sites (elastic conv, residual adds, reuse of g) through a tiny supernet."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model("resnet20", num_classes=10, input_size=8, width=4).eval()
+    net = convert(model, ElasticSpace())
+    gen = torch.Generator().manual_seed(0)
+    net.calibrate([torch.randn(16, 3, 8, 8, generator=gen)])
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if ".zero_point." in n:
+                p.add_(torch.rand(p.shape, generator=gen) - 0.5)
+    net.train()
+    x = torch.randn(8, 3, 8, 8, generator=gen)
+    y = torch.arange(8) % 10
+    for i in range(3):
+        net.set_active(net.sample(random.Random(i)))
+        res = []
+        for on in (False, True):
+            use(on)
+            net.zero_grad(set_to_none=True)
+            out = net(x)
+            F.cross_entropy(out, y).backward()
+            res.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
+        (o1, g1), (o2, g2) = res
+        assert torch.equal(_bits(o1), _bits(o2))
+        for n in g1:
+            assert (g1[n] is None) == (g2[n] is None), n
+            if g1[n] is not None:
+                torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+
+
+def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPLOYQ_KERNELS", "1")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DEPLOYQ_KERNEL_CACHE", str(tmp_path / "cache"))
+    kernels.reset()
+    monkeypatch.setattr(kernels, "_lib", kernels._UNSET)  # restored after the test
+    assert kernels.build() is None
+    assert kernels.get() is None
+    x, s = torch.randn(50), torch.tensor([0.1])
+    assert fq.forward(x, s, None, -8, 7, False) is None
+    z = torch.tensor([1.0])
+    assert torch.equal(fake_quant(x, s, z, -8, 7), fake_quant_reference(x, s, z, -8, 7))
+
+
+def test_disabled_kernel_is_not_loaded_even_when_built(kernel_dir, lib, monkeypatch):
+    monkeypatch.setenv("DEPLOYQ_KERNELS", "0")
+    assert kernels.load(kernel_dir) is None
+    monkeypatch.setattr(kernels, "_lib", kernels._UNSET)
+    assert kernels.get() is None
+
+
+def test_second_load_reuses_the_cached_binary(kernel_dir, lib, monkeypatch):
+    monkeypatch.setenv("DEPLOYQ_KERNELS", "1")
+    path, compiled = kernels.build(kernel_dir)
+    assert not compiled and path.exists()
+
+    def no_compiler(*a, **k):
+        raise AssertionError("recompiled")
+
+    monkeypatch.setattr(kernels, "_compile", no_compiler)
+    assert kernels.load(kernel_dir) is not None
+    assert sorted(p.name for p in kernel_dir.iterdir()) == [path.name]  # no temporary left
+
+
+def test_cache_key_follows_source_flags_and_compiler():
+    src = b"int f(void) { return 1; }"
+    k = kernels._key(src, ["cc"], kernels.BASE_FLAGS)
+    assert k == kernels._key(src, ["cc"], kernels.BASE_FLAGS)
+    assert k != kernels._key(src + b" ", ["cc"], kernels.BASE_FLAGS)
+    assert k != kernels._key(src, ["clang"], kernels.BASE_FLAGS)
+    assert k != kernels._key(src, ["cc"], kernels.BASE_FLAGS + kernels.NATIVE_FLAGS)
+
+
+def test_cache_dir_respects_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("DEPLOYQ_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels.cache_dir() == tmp_path / "deployq" / "kernels"
