@@ -202,7 +202,19 @@ class LearnedFQ:
 
     def forward(self, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset,
                 need_z: bool):
-        """Returns (out, scale [shape of raw_scale]); keeps what backward needs."""
+        """Returns (out, scale [shape of raw_scale]); keeps what backward needs. Contiguous
+        float32 CPU tensors: all of it in one kernel call (deployq.kernels)."""
+        self.bounds = (qmin - 0.5, qmax + 0.5)  # t is integer-valued: inclusive clamp range
+        self.grad_factor, self.min_scale = grad_factor, min_scale
+        self.s_shape = raw_scale.shape
+        self.z_shape = None if raw_zero_point is None else raw_zero_point.shape
+        fused = _kernel.learned_forward(x, raw_scale, raw_zero_point, qmin, qmax, min_scale, axis, zero_offset,
+                                        need_z)
+        if fused is not None:
+            # the kernel's layout: s and zmask shaped as the raw cells, a not kept (None)
+            self.t, out, scale, self.zmask = fused
+            self.s, self.a = scale, None
+            return out, scale
         a = raw_scale.abs()
         scale = a.clamp(min=min_scale)
         s = scale
@@ -218,15 +230,22 @@ class LearnedFQ:
                 zmask = (z == zr).to(z.dtype)  # round(z) inside the grid: z moves
         self.t, out = _fq_forward(x, s, z, qmin, qmax, zero_offset)
         self.s, self.a, self.zmask = s, a, zmask
-        self.bounds = (qmin - 0.5, qmax + 0.5)  # t is integer-valued: inclusive clamp range
-        self.grad_factor, self.min_scale = grad_factor, min_scale
-        self.s_shape = raw_scale.shape
-        self.z_shape = None if raw_zero_point is None else raw_zero_point.shape
         return out, scale
 
     def backward(self, g, out, x, raw_scale, need_x: bool, need_s: bool, reuse_g: bool = False):
         """(d x, d raw_scale, d raw_zero_point); out and x as in forward (x only if need_s);
         reuse_g: g may be overwritten (see _fq_backward)."""
+        if self.a is None:  # forward ran the kernel
+            fused = _kernel.learned_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
+                                             raw_scale, self.min_scale, need_x, need_s, reuse_g)
+            if fused is not None:
+                return fused
+            # e.g. a traced (create_graph) backward: the torch ops on the torch path's layout
+            self.a = raw_scale.abs()
+            if self.s.numel() > 1:
+                self.s = channel_view(self.s, self.t.ndim, 0)
+            if self.zmask is not None:
+                self.zmask = self.zmask.view(self.s.shape)
         gx, gs, gz = _fq_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
                                   need_x, need_s, reuse_g)
         if gs is not None:

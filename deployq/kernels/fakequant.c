@@ -26,7 +26,7 @@ static inline float clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-int deployq_fq_abi(void) { return 1; }
+int deployq_fq_abi(void) { return 2; }
 
 /* mode 0: no zero-point (t = rne(x/s)); 1: t += z, no subtraction (a fixed zero-point
  * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. */
@@ -141,5 +141,46 @@ void deployq_fq_backward(const float *g, const float *t, const float *out, const
         }
         if (ds) gs[j] = ((float)r[0] / s[j]) * gf;
         if (dz) gz[j] = (((float)r[1] * s[j]) * zmask[j]) * gf;
+    }
+}
+
+/* LearnedFQ (deployq/quant.py) in one call: from a quantizer's raw cells, the step size
+ * scale = clamp(|raw_s|, min=min_scale) (written to `scale`, [c]), the zero-point
+ * z = clamp(rne(raw_z), qmin, qmax) (mode 2 only) and zmask = (z == rne(raw_z)) (NULL:
+ * not needed), then deployq_fq_forward. */
+void deployq_lfq_forward(const float *x, float *t, float *out, int64_t c, int64_t k, const float *raw_s,
+                         const float *raw_z, int mode, float qmin, float qmax, float min_scale, float *scale,
+                         float *zmask) {
+    for (int64_t j = 0; j < c; j++) {
+        float a = fabsf(raw_s[j]);
+        float sj = a < min_scale ? min_scale : a;
+        float zj = 0.0f;
+        if (mode == 2) {
+            float zr = rne(raw_z[j]);
+            zj = clampf(zr, qmin, qmax);
+            if (zmask) zmask[j] = zj == zr ? 1.0f : 0.0f;
+        }
+        scale[j] = sj;
+        deployq_fq_forward(x + j * k, t + j * k, out + j * k, 1, k, &sj, &zj, mode, qmin, qmax);
+    }
+}
+
+/* deployq_fq_backward, then the step size's gradient taken through
+ * scale = clamp(|raw_s|, min_scale) as autograd does (where(|raw| >= min, gs, 0) * sgn(raw)):
+ * g_raw_s (NULL: not needed), g_raw_z (NULL unless zmask). */
+void deployq_lfq_backward(const float *g, const float *t, const float *out, const float *x, float *gx,
+                          int64_t c, int64_t k, float lo, float hi, const float *scale, const float *zmask,
+                          float gf, const float *raw_s, float min_scale, float *g_raw_s, float *g_raw_z) {
+    for (int64_t j = 0; j < c; j++) {
+        float gs;
+        const int64_t o = j * k;
+        deployq_fq_backward(g + o, t + o, out ? out + o : 0, x ? x + o : 0, gx ? gx + o : 0, 1, k, lo, hi,
+                            scale + j, zmask ? zmask + j : 0, gf, g_raw_s ? &gs : 0,
+                            g_raw_z ? g_raw_z + j : 0);
+        if (g_raw_s) {
+            float r = raw_s[j];
+            float sg = r > 0.0f ? 1.0f : (r < 0.0f ? -1.0f : 0.0f);
+            g_raw_s[j] = (fabsf(r) >= min_scale ? gs : 0.0f) * sg;
+        }
     }
 }

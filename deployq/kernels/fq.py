@@ -67,14 +67,66 @@ def backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, need_s:
     if z_mask is not None and not (_dense(z_mask) and z_mask.shape == s.shape):
         return None
     gx = (g if reuse_g else torch.empty_like(g)) if need_x else None
-    gs = torch.empty(s.shape) if need_s else None
-    gz = torch.empty(s.shape) if z_mask is not None else None
+    gs = torch.empty(s.shape, dtype=_F32) if need_s else None
+    gz = torch.empty(s.shape, dtype=_F32) if z_mask is not None else None
     lib.deployq_fq_backward(
         g.data_ptr(), t.data_ptr(),
         out.data_ptr() if need_s else None, x.data_ptr() if need_s else None,
         gx.data_ptr() if gx is not None else None,
         c, g.numel() // c, float(bounds[0]), float(bounds[1]), s.data_ptr(),
         z_mask.data_ptr() if z_mask is not None else None, float(grad_factor),
+        gs.data_ptr() if gs is not None else None, gz.data_ptr() if gz is not None else None,
+    )
+    return gx, gs, gz
+
+
+def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axis, zero_offset: bool,
+                    need_z: bool):
+    """LearnedFQ.forward's math in one call: (t, out, scale [shape of raw_s], zmask [shape
+    of raw_z] or None), or None when the kernel does not apply."""
+    lib = get()
+    if lib is None or not (_dense(x) and _dense(raw_s)) or x.numel() == 0:
+        return None
+    c = raw_s.numel()
+    if c > 1 and not (axis == 0 and x.dim() > 0 and x.shape[0] == c):
+        return None
+    if raw_z is not None and not (_dense(raw_z) and raw_z.numel() == c):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or raw_s.requires_grad):
+        return None  # only inside an autograd Function's forward
+    t = torch.empty_like(x)
+    out = torch.empty_like(x)
+    scale = torch.empty(raw_s.shape, dtype=_F32)
+    zmask = torch.empty(raw_z.shape, dtype=_F32) if raw_z is not None and need_z else None
+    mode = 2 if raw_z is not None else (1 if zero_offset else 0)
+    lib.deployq_lfq_forward(
+        x.data_ptr(), t.data_ptr(), out.data_ptr(), c, x.numel() // c, raw_s.data_ptr(),
+        raw_z.data_ptr() if raw_z is not None else None, mode, float(qmin), float(qmax), float(min_scale),
+        scale.data_ptr(), zmask.data_ptr() if zmask is not None else None,
+    )
+    return t, out, scale, zmask
+
+
+def learned_backward(g, t, out, x, scale, zmask, bounds, grad_factor, raw_s, min_scale: float, need_x: bool,
+                     need_s: bool, reuse_g: bool):
+    """LearnedFQ.backward's math (after learned_forward) in one call: (d x, d raw_s,
+    d raw_z), or None when the kernel does not apply (e.g. grad mode: a traced backward)."""
+    if torch.is_grad_enabled() or not (_dense(g) and g.shape == t.shape):
+        return None
+    lib = get()
+    if lib is None:
+        return None
+    if need_s and not (_dense(out) and _dense(x) and _dense(raw_s)):
+        return None
+    c = scale.numel()
+    gx = (g if reuse_g else torch.empty_like(g)) if need_x else None
+    gs = torch.empty(raw_s.shape, dtype=_F32) if need_s else None
+    gz = torch.empty(zmask.shape, dtype=_F32) if zmask is not None else None
+    lib.deployq_lfq_backward(
+        g.data_ptr(), t.data_ptr(), out.data_ptr() if need_s else None, x.data_ptr() if need_s else None,
+        gx.data_ptr() if gx is not None else None, c, g.numel() // c, float(bounds[0]), float(bounds[1]),
+        scale.data_ptr(), zmask.data_ptr() if zmask is not None else None, float(grad_factor),
+        raw_s.data_ptr() if need_s else None, float(min_scale),
         gs.data_ptr() if gs is not None else None, gz.data_ptr() if gz is not None else None,
     )
     return gx, gs, gz
