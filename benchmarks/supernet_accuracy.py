@@ -48,6 +48,7 @@ from deployq.train import (
     _Printer,
     choose_subnets,
     make_optimizer,
+    frozen_teacher,
     sandwich_step,
     train,
     warmup_fp32,
@@ -90,7 +91,8 @@ def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
     """Median seconds of one FP32 training step and one supernet step (same batch of
     cfg.batch_size), measured interleaved so machine load hits both alike. With
     quantized=False the sandwich runs three float passes of the BN-folded net (same
-    losses, optimizer, clipping): the floor no fake-quant implementation gets under."""
+    losses, optimizer, clipping): the floor no fake-quant implementation gets under.
+    With cfg.distill the sandwich includes the FP32 teacher's forward, as in training."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch_size, 3, size, size, generator=g)
     y = torch.randint(0, 10, (cfg.batch_size,), generator=g)
@@ -101,6 +103,7 @@ def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
     net.train()
     params = list(net.parameters())
     opt_q = make_optimizer(net, cfg)  # what training runs (foreach Adam), frozen: lr 0
+    teacher = frozen_teacher(model_fp32, "cpu") if cfg.distill else None
     for group in opt_q.param_groups:
         group["lr"] = 0.0
 
@@ -112,7 +115,7 @@ def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
     def q_step(i):
         specs = choose_subnets(net, random.Random(i), cfg) if quantized else [None] * 3
         opt_q.zero_grad(set_to_none=True)
-        sandwich_step(net, net, x, y, specs, cfg)
+        sandwich_step(net, net, x, y, specs, cfg, teacher=teacher)
         torch.nn.utils.clip_grad_value_(params, 1.0)
         opt_q.step()
 

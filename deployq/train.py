@@ -87,6 +87,10 @@ class TrainConfig:
     calib_batches: int = 4
     calibration: str = "search"  # cell initialisation: "search" (clipping search) or "minmax"
     augment: bool = True  # random shifts of up to size/8 pixels
+    # The FP32 model (pretrained or warmed up) heads the GPG chain as the highest subnet's
+    # teacher. Off by default: on digits it helped one 16x16 seed and cost 0.3-0.8 points at
+    # 5-8 bits on another and at 8x8 (README, "Supernet accuracy").
+    distill: bool = False
     lowest_per_tensor: float = 0.5  # probability the lowest subnet uses a per-tensor form
     final_eval: bool = True  # uniform-subnet table on the val split at the end
     threads: int | None = None  # torch intra-op threads (None: torch's default)
@@ -114,6 +118,8 @@ class TrainConfig:
             raise UserError(f"holdout fraction must be in (0, 1); got {self.holdout}")
         if self.calibration not in ("search", "minmax", "hybrid"):
             raise UserError(f"calibration must be search, minmax or hybrid; got {self.calibration!r}")
+        if self.distill and not self.pretrained and self.warmup_epochs == 0:
+            raise UserError("distillation needs an FP32 teacher: give --pretrained or --warmup-epochs > 0")
         if not 0.0 <= self.lowest_per_tensor <= 1.0:
             raise UserError("lowest_per_tensor must be a probability")
         for name in ("input_size", "width"):
@@ -443,12 +449,17 @@ def sandwich_step(
     cfg: TrainConfig,
     grad_l1_on: bool = False,
     no_sync=None,
+    teacher: nn.Module | None = None,
 ) -> float:
     """Accumulate the gradients of one GPG step (no optimizer step). `forward` is the
-    DDP module (or the net); `no_sync` its no_sync context for all passes but the last.
+    DDP module (or the net); `no_sync` its no_sync context for all passes but the last;
+    `teacher` a frozen float model whose logits the first subnet learns from (GPG).
     Returns the summed loss."""
     total = 0.0
-    teacher = None
+    teacher_logits = None
+    if teacher is not None and cfg.gpg:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
     last = len(specs) - 1
     for i, spec in enumerate(specs):
         net.set_active(spec)
@@ -457,10 +468,10 @@ def sandwich_step(
             capture = grad_l1_on and i == 0 and cfg.grad_l1_a > 0
             with _capture_activations(net, capture) as acts:
                 logits = forward(x)
-            if cfg.gpg and teacher is not None:
+            if cfg.gpg and teacher_logits is not None:
                 from deployq.losses import gpg_loss
 
-                loss = gpg_loss(logits, y, teacher)
+                loss = gpg_loss(logits, y, teacher_logits)
             else:
                 loss = F.cross_entropy(logits, y)
             if i == 0 and grad_l1_on:
@@ -476,7 +487,7 @@ def sandwich_step(
                     loss = loss + wdr_loss(ws)
             loss.backward()
         total += float(loss.detach())
-        teacher = logits.detach()
+        teacher_logits = logits.detach()
     return total
 
 
@@ -690,6 +701,7 @@ def train(config: TrainConfig, progress: bool = True):
     metrics: dict[str, Any] = {"epochs": []}
     start_epoch = 0
     extra: dict[str, Any] = {}
+    teacher = None
     if resumed:
         ckpt = resumed[1]
         net = ckpt.net.to(d.device)
@@ -698,6 +710,12 @@ def train(config: TrainConfig, progress: bool = True):
         start_epoch = int(ckpt.extra.get("epoch", 0))
         extra = ckpt.extra
         say(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}")
+        if cfg.distill and "teacher" in extra:
+            teacher = build_model(cfg.model, **model_args)
+            teacher.load_state_dict(extra["teacher"])
+            teacher = frozen_teacher(teacher, d.device)
+        elif cfg.distill:
+            say("this checkpoint stores no FP32 teacher: resuming without distillation")
     else:
         model = build_model(cfg.model, **model_args)
         if cfg.pretrained:
@@ -707,12 +725,15 @@ def train(config: TrainConfig, progress: bool = True):
             acc = warmup_fp32(model, data, cfg, d, say, progress)
             metrics["fp32_holdout_top1"] = acc
         model.eval()
+        if cfg.distill:
+            teacher = frozen_teacher(model, d.device)
         net = convert(model, space).to(d.device)
         net.calibrate(_calibration_batches(data, cfg, d.device), method=cfg.calibration)
         _broadcast_state(net, d)
         if d.main:
             metrics["folded_holdout_top1"] = _evaluate_float(net, data.held)
-            save_checkpoint(cfg.out, net, _meta(cfg, data, model_args, 0, metrics), {"stage": "supernet", "epoch": 0})
+            save_checkpoint(cfg.out, net, _meta(cfg, data, model_args, 0, metrics),
+                            _extra(teacher, stage="supernet", epoch=0))
         _barrier(d)
 
     opt = make_optimizer(net, cfg)
@@ -749,10 +770,10 @@ def train(config: TrainConfig, progress: bool = True):
                 if gl1 and d.active:
                     # DDP's reducer cannot follow a double backward: sync by hand.
                     with forward.no_sync():
-                        loss = sandwich_step(net, forward, x, y, specs, cfg, gl1)
+                        loss = sandwich_step(net, forward, x, y, specs, cfg, gl1, teacher=teacher)
                     _allreduce_grads(all_params, d)
                 else:
-                    loss = sandwich_step(net, forward, x, y, specs, cfg, gl1, no_sync)
+                    loss = sandwich_step(net, forward, x, y, specs, cfg, gl1, no_sync, teacher)
                 torch.nn.utils.clip_grad_value_(all_params, CLIP_VALUE)
                 opt.step()
                 sched.step()
@@ -775,7 +796,8 @@ def train(config: TrainConfig, progress: bool = True):
                 cfg.out,
                 net,
                 _meta(cfg, data, model_args, epoch + 1, metrics),
-                {"stage": "supernet", "epoch": epoch + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                _extra(teacher, stage="supernet", epoch=epoch + 1, optimizer=opt.state_dict(),
+                       scheduler=sched.state_dict()),
             )
         _barrier(d)
 
@@ -787,11 +809,29 @@ def train(config: TrainConfig, progress: bool = True):
             cfg.out,
             net,
             _meta(cfg, data, model_args, cfg.epochs, metrics),
-            {"stage": "supernet", "epoch": cfg.epochs, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+            _extra(teacher, stage="supernet", epoch=cfg.epochs, optimizer=opt.state_dict(),
+                   scheduler=sched.state_dict()),
         )
         _print_final(say, metrics)
     _barrier(d)
     return Checkpoint(net=net, meta=_meta(cfg, data, model_args, cfg.epochs, metrics), path=Path(cfg.out))
+
+
+def frozen_teacher(model: nn.Module, device) -> nn.Module:
+    """A frozen copy of the float model in eval mode (BN on its running statistics: the
+    function the BN-folded supernet starts from)."""
+    import copy
+
+    teacher = copy.deepcopy(model).to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _extra(teacher: nn.Module | None, **state) -> dict[str, Any]:
+    """The checkpoint's training state; the teacher's weights ride along for --resume."""
+    if teacher is not None:
+        state["teacher"] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    return state
 
 
 def _evaluate_float(net, held) -> float:

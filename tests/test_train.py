@@ -91,7 +91,7 @@ def _interrupt_after_first_epoch(monkeypatch):
 def test_resume_continues_the_epoch_count_and_matches_an_uninterrupted_run(tiny_npz, tmp_path, monkeypatch):
     base = TrainConfig(
         data=str(tiny_npz), input_size=8, width=4, epochs=2, warmup_epochs=1,
-        wbits=(2, 4, 8), abits=(2, 4, 8), final_eval=False, seed=3,
+        wbits=(2, 4, 8), abits=(2, 4, 8), final_eval=False, seed=3, distill=True,
     )
     full = tmp_path / "full.pt"
     ref = train(replace_cfg(base, out=str(full)), progress=False)
@@ -101,6 +101,7 @@ def test_resume_continues_the_epoch_count_and_matches_an_uninterrupted_run(tiny_
         with pytest.raises(KeyboardInterrupt):
             train(replace_cfg(base, out=str(part)), progress=False)
     assert read_payload(part)["extra"]["epoch"] == 1
+    assert "teacher" in read_payload(part)["extra"]  # resuming must distill from the same model
     resumed = train(replace_cfg(base, out=str(part), resume=True), progress=False)
     ckpt = load_checkpoint(part)
     assert ckpt.meta.epoch == 2 and [r["epoch"] for r in ckpt.meta.metrics["epochs"]] == [1, 2]
@@ -249,3 +250,43 @@ def test_cli_train_defaults_are_the_library_defaults():
              "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr"}
     for cli_name, field in pairs.items():
         assert params[cli_name].default == getattr(cfg, field), cli_name
+    for flag, field in {"no_wdr": "wdr", "no_gpg": "gpg"}.items():
+        assert params[flag].default is not getattr(cfg, field), flag
+    assert params["distill"].default is cfg.distill
+
+
+def test_distill_without_an_fp32_model_is_refused(capsys, tmp_path):
+    out = tmp_path / "c.pt"
+    code = cli.main(["train", "--data", "digits", "--out", str(out), "--distill", "--warmup-epochs", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "FP32 teacher" in err and "Traceback" not in err and not out.exists()
+
+
+def test_sandwich_step_distills_the_first_subnet_from_the_teacher():
+    from deployq.elastic import convert
+    from deployq.losses import gpg_loss
+    from deployq.train import frozen_teacher, sandwich_step
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4).eval()
+    cfg = TrainConfig(wbits=(2, 8), abits=(2, 8), wdr=False)
+    net = convert(model, cfg.space)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    net.calibrate([x])
+    teacher = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4)
+    teacher = frozen_teacher(teacher, "cpu")
+    spec = net.highest(cfg.space.forms[0])
+    with torch.no_grad():
+        net.set_active(spec)
+        logits = net(x)
+        want_kd = float(gpg_loss(logits, y, teacher(x)))
+        want_ce = float(torch.nn.functional.cross_entropy(logits, y))
+    assert abs(want_kd - want_ce) > 1e-3  # a teacher that changes the loss
+    got = sandwich_step(net, net, x, y, [spec], cfg, teacher=teacher)
+    assert got == pytest.approx(want_kd, rel=1e-5)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert sandwich_step(net, net, x, y, [spec], cfg) == pytest.approx(want_ce, rel=1e-5)
+    # the ablation without GPG drops the chain, teacher included
+    assert sandwich_step(net, net, x, y, [spec], replace_cfg(cfg, gpg=False), teacher=teacher) == pytest.approx(
+        want_ce, rel=1e-5
+    )

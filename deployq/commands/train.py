@@ -84,6 +84,13 @@ def register(app: typer.Typer) -> None:
                 "--no-gpg", help="Ablation: every sandwich subnet on plain CE (no KL chaining)."
             ),
         ] = False,
+        distill: Annotated[
+            bool,
+            typer.Option(
+                "--distill",
+                help="The highest subnet also learns from the FP32 model's logits (needs --pretrained or a warm-up).",
+            ),
+        ] = False,
         grad_l1: Annotated[
             float, typer.Option("--grad-l1", help="Gradient-l1 lambda on weights (0 = off).")
         ] = 0.0,
@@ -154,6 +161,7 @@ def register(app: typer.Typer) -> None:
             fixed_bits=None if no_fixed else check_bits(fixed_bits, "--fixed-bits"),
             wdr=not no_wdr,
             gpg=not no_gpg,
+            distill=distill,
             grad_l1_w=grad_l1,
             grad_l1_a=grad_l1_act,
             grad_l1_last=grad_l1_last,
