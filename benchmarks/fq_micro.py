@@ -1,6 +1,6 @@
 """One per-tensor fake-quant forward + backward (LearnedFQ, as the elastic conv runs it:
-asymmetric with a learned zero-point, gradients for x, s and z, g reused) at activation
-sizes: torch path vs the compiled kernel (deployq.kernels), interleaved, median us;
+asymmetric with a learned zero-point, gradients for x, s and z, g reused; the time
+includes one copy of g) at activation sizes and one weight size: torch path vs the compiled kernel (deployq.kernels), interleaved, median us;
 keep_freed_memory() first, as train() does.
 
 Run:  python benchmarks/fq_micro.py [--threads 1] [--repeats 200]
@@ -9,6 +9,7 @@ Run:  python benchmarks/fq_micro.py [--threads 1] [--repeats 200]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -25,6 +26,7 @@ SIZES = [("16x16 act 64x16x16x16", (64, 16, 16, 16)), ("8x8 act 64x8x8x8", (64, 
          ("weight 64x64x3x3 per-channel", (64, 64, 3, 3))]
 
 
+@torch.no_grad()  # as inside autograd Functions (forward, and backward without create_graph)
 def one(x, raw_s, raw_z, axis, g0):
     fq = LearnedFQ()
     g = lsq_grad_factor(255, x.numel())
@@ -58,12 +60,11 @@ def main() -> None:
         times = {True: [], False: []}
         for i in range(args.repeats + 10):
             for on in (False, True):
-                kernels._lib = lib if on else None
-                t0 = time.perf_counter()
-                one(x, raw_s, raw_z, axis, g0)
-                if i >= 10:
-                    times[on].append(time.perf_counter() - t0)
-        kernels._lib = lib
+                with contextlib.nullcontext() if on else kernels.disabled():
+                    t0 = time.perf_counter()
+                    one(x, raw_s, raw_z, axis, g0)
+                    if i >= 10:
+                        times[on].append(time.perf_counter() - t0)
         tt, tk = (1e6 * statistics.median(times[k]) for k in (False, True))
         print(f"| {title} | {x.numel()} | {tt:.0f} | {tk:.0f} | {tt / tk:.1f}x |")
 

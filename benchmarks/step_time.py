@@ -10,9 +10,12 @@ benchmarks/supernet_accuracy.py so both benchmarks time the same thing.
 
 The last column is the floor: the same sandwich with quantization off (three float
 passes of the BN-folded net, same losses and optimizer), interleaved with FP32 steps.
+The column before it runs the supernet with the compiled fake-quant kernel off
+(deployq.kernels; the torch path), also against its own interleaved FP32 steps.
 deployq.alloc.keep_freed_memory() runs first, as in train() (--no-keep-freed-memory: glibc defaults).
 
 Run:  python benchmarks/step_time.py [--repeats 21] [--no-keep-freed-memory] [--profile 8]
+      [--no-kernel-column]   (DEPLOYQ_KERNELS=0: the supernet column on the torch path too)
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # the sibling benchmark; deployq u
 
 from supernet_accuracy import step_times
 
+import deployq.kernels as kernels
 from deployq.elastic import convert
 from deployq.models import build_model
 from deployq.train import TrainConfig, choose_subnets, sandwich_step
@@ -93,6 +97,12 @@ def main() -> None:
         help="deployq.alloc.keep_freed_memory() first, as train() does (both steps gain); "
         "--no-keep-freed-memory measures glibc's defaults",
     )
+    ap.add_argument(
+        "--kernel-column",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the supernet with the fake-quant kernel off (the torch path)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.keep_freed_memory:
@@ -109,14 +119,21 @@ def main() -> None:
             continue
         model, net, cfg = build(size, width)
         tf, tq = step_times(model, net, cfg, size, args.repeats)
+        kf, kq = float("nan"), float("nan")
+        if args.kernel_column and kernels.get() is not None:
+            with kernels.disabled():
+                kf, kq = step_times(model, net, cfg, size, args.repeats)
         ff, fq = step_times(model, net, cfg, size, args.repeats, quantized=False)
-        rows.append((title, tf, tq, fq / ff))
+        rows.append((title, tf, tq, kq / kf, fq / ff))
     print(f"Training step, batch {TrainConfig().batch_size}, 1 thread, median of {args.repeats} interleaved pairs:")
     print()
-    print("| setting | FP32 ms | supernet ms (GPG sandwich) | ratio | floor: sandwich without fake-quant |")
-    print("|---|---|---|---|---|")
-    for title, tf, tq, floor in rows:
-        print(f"| {title} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {floor:.2f}x |")
+    print(f"fake-quant kernel: {'on' if kernels.get() is not None else 'off (torch path)'}")
+    print()
+    print("| setting | FP32 ms | supernet ms (GPG sandwich) | ratio | ratio, kernel off | "
+          "floor: sandwich without fake-quant |")
+    print("|---|---|---|---|---|---|")
+    for title, tf, tq, off, floor in rows:
+        print(f"| {title} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {off:.2f}x | {floor:.2f}x |")
 
 
 if __name__ == "__main__":

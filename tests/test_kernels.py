@@ -17,7 +17,7 @@ import deployq.kernels as kernels
 from deployq.elastic import convert
 from deployq.kernels import fq
 from deployq.models import build_model
-from deployq.quant import _fq_backward, _fq_forward, fake_quant, fake_quant_reference
+from deployq.quant import LearnedFQ, fake_quant_learned, _fq_backward, _fq_forward, fake_quant, fake_quant_reference
 from deployq.spec import ElasticSpace
 
 GRIDS = [(-128, 127), (0, 255), (-2, 1), (0, 3), (-8, 7)]
@@ -120,6 +120,63 @@ def test_kernel_equals_the_torch_path(use, case, gf, flags, with_z):
     if need_x:
         assert torch.equal(got[0], ref[0])  # a mask of g: exact
         assert (got[0].data_ptr() == g_own.data_ptr()) == reuse
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), grid=st.sampled_from(GRIDS), per_channel=st.booleans(),
+       mode=st.sampled_from(["sym", "offset", "z"]), need=st.sampled_from([(True, True), (True, False), (False, True)]),
+       reuse=st.booleans())
+def test_learned_kernel_equals_the_torch_path(use, seed, grid, per_channel, mode, need, reuse):
+    """LearnedFQ in one kernel call each way: raw step sizes negative or below MIN_SCALE,
+    off-grid and out-of-grid zero-points."""
+    qmin, qmax = grid
+    gen = torch.Generator().manual_seed(seed)
+    c = 5 if per_channel else 1
+    x = torch.randn(5, 3, 2, 2, generator=gen) * 2
+    x[0, 0] = -0.0
+    raw_s = (torch.rand(c, generator=gen) * 0.4 + 0.01) * torch.where(torch.rand(c, generator=gen) < 0.4, -1.0, 1.0)
+    raw_s[torch.rand(c, generator=gen) < 0.2] = 1e-9
+    raw_z = torch.randint(qmin - 2, qmax + 3, (c,), generator=gen).float() + torch.rand(c, generator=gen) - 0.5
+    raw_z = raw_z if mode == "z" else None
+    g = torch.randn(x.shape, generator=gen)
+    need_x, need_s = need
+    res = []
+    for on in (False, True):
+        use(on)
+        fq = LearnedFQ()
+        with torch.no_grad():
+            out, scale = fq.forward(x, raw_s, raw_z, qmin, qmax, 0.03, 1e-8, 0 if per_channel else None,
+                                    mode == "offset", True)
+            grads = fq.backward(g.clone(), out, x if need_s else None, raw_s, need_x, need_s, reuse)
+        assert (fq.a is None) == on  # which path ran
+        res.append((out, scale, grads))
+    (o1, s1, g1), (o2, s2, g2) = res
+    assert torch.equal(_bits(o1), _bits(o2)) and torch.equal(_bits(s1), _bits(s2))
+    assert s1.shape == s2.shape == raw_s.shape
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_after_a_kernel_forward_is_traced(use):
+    """create_graph (grad-l1): the kernel's forward layout is handed to the torch backward,
+    whose ops autograd records; same second-order gradients as with the kernel off."""
+    gen = torch.Generator().manual_seed(3)
+    x0, w = torch.randn(4, 3, 3, 3, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
+    res = []
+    for on in (False, True):
+        use(on)
+        x = x0.clone().requires_grad_()
+        raw_s = torch.tensor([0.1, -0.2, 0.05, 0.3], requires_grad=True)
+        raw_z = torch.tensor([0.4, -1.6, 2.2, 0.0], requires_grad=True)
+        out, _ = fake_quant_learned(x, raw_s, raw_z, -8, 7, 0.1, 1e-8, axis=0)
+        (gx,) = torch.autograd.grad((out * w).sum(), x, create_graph=True)
+        ((gx * w).sum() + out.square().sum()).backward()
+        res.append((out.detach(), gx.detach(), x.grad, raw_s.grad, raw_z.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_forward_equals_the_onnx_reference_on_asymmetric_grids(use):

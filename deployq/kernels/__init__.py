@@ -12,6 +12,7 @@ debug-level log line, no error). No Python build step, no new dependency.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -161,3 +162,14 @@ def reset() -> None:
     """Forget the loaded library (tests; after changing DEPLOYQ_KERNELS or CC)."""
     global _lib
     _lib = _UNSET
+
+
+@contextlib.contextmanager
+def disabled():
+    """The torch path inside the block (benchmarks and comparisons in one process)."""
+    global _lib
+    saved, _lib = _lib, None
+    try:
+        yield
+    finally:
+        _lib = saved
