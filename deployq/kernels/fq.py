@@ -15,7 +15,8 @@ _F32 = torch.float32
 
 
 def _dense(t: torch.Tensor) -> bool:
-    return t.dtype == _F32 and t.device.type == "cpu" and t.is_contiguous()
+    # is_cpu rather than device.type: this runs ~10 times per fake-quant, ~0.3 us each
+    return t.dtype is _F32 and t.is_cpu and t.is_contiguous()
 
 
 def _channels(x: torch.Tensor, s: torch.Tensor) -> int | None:
@@ -67,8 +68,8 @@ def backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, need_s:
     if z_mask is not None and not (_dense(z_mask) and z_mask.shape == s.shape):
         return None
     gx = (g if reuse_g else torch.empty_like(g)) if need_x else None
-    gs = torch.empty(s.shape, dtype=_F32) if need_s else None
-    gz = torch.empty(s.shape, dtype=_F32) if z_mask is not None else None
+    gs = torch.empty_like(s) if need_s else None
+    gz = torch.empty_like(s) if z_mask is not None else None
     lib.deployq_fq_backward(
         g.data_ptr(), t.data_ptr(),
         out.data_ptr() if need_s else None, x.data_ptr() if need_s else None,
@@ -96,8 +97,8 @@ def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axi
         return None  # only inside an autograd Function's forward
     t = torch.empty_like(x)
     out = torch.empty_like(x)
-    scale = torch.empty(raw_s.shape, dtype=_F32)
-    zmask = torch.empty(raw_z.shape, dtype=_F32) if raw_z is not None and need_z else None
+    scale = torch.empty_like(raw_s)
+    zmask = torch.empty_like(raw_z) if raw_z is not None and need_z else None
     mode = 2 if raw_z is not None else (1 if zero_offset else 0)
     lib.deployq_lfq_forward(
         x.data_ptr(), t.data_ptr(), out.data_ptr(), c, x.numel() // c, raw_s.data_ptr(),
@@ -120,8 +121,8 @@ def learned_backward(g, t, out, x, scale, zmask, bounds, grad_factor, raw_s, min
         return None
     c = scale.numel()
     gx = (g if reuse_g else torch.empty_like(g)) if need_x else None
-    gs = torch.empty(raw_s.shape, dtype=_F32) if need_s else None
-    gz = torch.empty(zmask.shape, dtype=_F32) if zmask is not None else None
+    gs = torch.empty_like(raw_s) if need_s else None
+    gz = torch.empty_like(zmask) if zmask is not None else None
     lib.deployq_lfq_backward(
         g.data_ptr(), t.data_ptr(), out.data_ptr() if need_s else None, x.data_ptr() if need_s else None,
         gx.data_ptr() if gx is not None else None, c, g.numel() // c, float(bounds[0]), float(bounds[1]),
