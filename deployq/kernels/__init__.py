@@ -1,7 +1,8 @@
 """Optional compiled CPU kernels (fused fake-quant forward / backward).
 
 The C source ships as package data and is compiled on first use with the system C
-compiler ($CC, else `cc`) into a per-user cache (DEPLOYQ_KERNEL_CACHE, else
+compiler ($CC, else `cc`; -O3, -march=native and OpenMP when the compiler takes
+them) into a per-user cache (DEPLOYQ_KERNEL_CACHE, else
 $XDG_CACHE_HOME/deployq/kernels, else ~/.cache/deployq/kernels), keyed by the source,
 the compiler command, the flags and the machine, so a shared home never loads a binary
 built for another CPU. The file is written under a temporary name and renamed: two DDP
@@ -27,11 +28,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = "fakequant.c"
-ABI = 2  # deployq_fq_abi() of a binary this loader can call
+ABI = 3  # deployq_fq_abi() of a binary this loader can call
 # Never -ffast-math: the forward must be IEEE bit for bit (ONNX parity). -ffp-contract=off:
 # no fused multiply-adds (GCC contracts by default in GNU C mode).
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off")
 NATIVE_FLAGS = ("-march=native",)
+# Threads over one large tensor. The binary links libgomp.so.1, which resolves to the copy
+# torch has already loaded (torch is imported first): one OpenMP runtime in the process.
+OPENMP_FLAGS = ("-fopenmp",)
+# Tried in this order; the first that compiles and loads is used.
+FLAG_SETS = (
+    BASE_FLAGS + NATIVE_FLAGS + OPENMP_FLAGS,
+    BASE_FLAGS + NATIVE_FLAGS,
+    BASE_FLAGS,
+)
 
 _UNSET = object()
 _lib = _UNSET
@@ -96,9 +106,16 @@ def _compile(cc: list[str], flags: tuple[str, ...], src: Path, dst: Path) -> boo
             os.unlink(tmp)
 
 
-def build(directory: Path | None = None) -> tuple[Path, bool] | None:
-    """(path of the compiled library, whether this call compiled it), or None when it
-    cannot be built. Tries -march=native first, then the portable flags."""
+def build(directory: Path | None = None, flag_sets=FLAG_SETS) -> tuple[Path, bool] | None:
+    """(path of the compiled library, whether this call compiled it) for the first of
+    flag_sets the compiler accepts, or None when it cannot be built."""
+    for path, compiled in _builds(directory, flag_sets):
+        return path, compiled
+    return None
+
+
+def _builds(directory: Path | None, flag_sets):
+    """Yield (path, compiled) for each flag set that builds (cached or compiled now)."""
     directory = cache_dir() if directory is None else Path(directory)
     cc = _compiler()
     source = resources.files(__name__).joinpath(SOURCE).read_bytes()
@@ -106,17 +123,16 @@ def build(directory: Path | None = None) -> tuple[Path, bool] | None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         log.debug("kernel cache %s not usable: %s", directory, e)
-        return None
+        return
     with tempfile.TemporaryDirectory() as td:
         src = Path(td) / SOURCE
         src.write_bytes(source)
-        for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
+        for flags in flag_sets:
             dst = directory / f"fakequant-{_key(source, cc, flags)}.so"
             if dst.exists():
-                return dst, False
-            if _compile(cc, flags, src, dst):
-                return dst, True
-    return None
+                yield dst, False
+            elif _compile(cc, flags, src, dst):
+                yield dst, True
 
 
 def _bind(path: Path) -> ctypes.CDLL | None:
@@ -129,23 +145,31 @@ def _bind(path: Path) -> ctypes.CDLL | None:
     lib.deployq_fq_forward.restype = None
     lib.deployq_fq_backward.argtypes = [p, p, p, p, p, i64, i64, f32, f32, p, p, f32, p, p]
     lib.deployq_fq_backward.restype = None
-    lib.deployq_lfq_forward.argtypes = [p, p, p, i64, i64, p, p, i32, f32, f32, f32, p, p]
+    lib.deployq_lfq_forward.argtypes = [p, p, p, i64, i64, p, p, i32, f32, f32, f32, p, p, i32]
     lib.deployq_lfq_forward.restype = None
-    lib.deployq_lfq_backward.argtypes = [p, p, p, p, p, i64, i64, f32, f32, p, p, f32, p, f32, p, p]
+    lib.deployq_lfq_backward.argtypes = [p, p, p, p, p, i64, i64, f32, f32, p, p, f32, p, f32, p, p, i32]
     lib.deployq_lfq_backward.restype = None
     return lib
 
 
-def load(directory: Path | None = None) -> ctypes.CDLL | None:
+def load(directory: Path | None = None, flag_sets=FLAG_SETS) -> ctypes.CDLL | None:
     """Build (or reuse) and load the library; None if it is disabled or cannot be built."""
     if not enabled():
         return None
+    import torch  # noqa: F401  (its libgomp first: the OpenMP build must bind to that one)
+
     try:
-        built = build(directory)
-        return None if built is None else _bind(built[0])
-    except OSError as e:  # unreadable cache, a binary that does not load
+        for path, _ in _builds(directory, flag_sets):
+            try:
+                lib = _bind(path)
+            except OSError as e:  # e.g. an OpenMP runtime that does not load
+                log.debug("kernel %s does not load: %s", path.name, e)
+                continue
+            if lib is not None:
+                return lib
+    except OSError as e:  # unreadable cache
         log.debug("kernel load failed: %s", e)
-        return None
+    return None
 
 
 def get() -> ctypes.CDLL | None:

@@ -11,6 +11,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Round half to even under the default rounding mode, as nearbyintf (and
  * torch.round): adding 2^23 leaves no fraction bits, so the FPU rounds; the sign
@@ -26,7 +29,7 @@ static inline float clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-int deployq_fq_abi(void) { return 2; }
+int deployq_fq_abi(void) { return 3; }
 
 /* mode 0: no zero-point (t = rne(x/s)); 1: t += z, no subtraction (a fixed zero-point
  * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. */
@@ -116,6 +119,71 @@ static inline __attribute__((always_inline)) void bwd_row(const float *g, const 
 /* gx: x's gradient (NULL: not needed; may be g itself); gs: s's gradient per channel
  * (NULL: not needed) = (sum g*out - sum gin*x) / s * gf; gz (NULL unless zmask) =
  * sum(gin - g) * s * zmask * gf: the torch path's float ops after the sums. */
+static void row_sums(const float *g, const float *t, const float *out, const float *x, float *gx, int64_t k,
+                     float lo, float hi, int dx, int ds, int dz, double *r) {
+    switch (dx * 4 + ds * 2 + dz) {
+        case 0: r[0] = r[1] = 0; break;
+        case 1: bwd_row(g, t, out, x, gx, k, lo, hi, 0, 0, 1, r); break;
+        case 2: bwd_row(g, t, out, x, gx, k, lo, hi, 0, 1, 0, r); break;
+        case 3: bwd_row(g, t, out, x, gx, k, lo, hi, 0, 1, 1, r); break;
+        case 4: /* x's gradient only: a plain loop (no sums) */
+            for (int64_t i = 0; i < k; i++) gx[i] = keep(g[i], t[i], lo, hi);
+            r[0] = r[1] = 0;
+            break;
+        case 5: bwd_row(g, t, out, x, gx, k, lo, hi, 1, 0, 1, r); break;
+        case 6: bwd_row(g, t, out, x, gx, k, lo, hi, 1, 1, 0, r); break;
+        default: bwd_row(g, t, out, x, gx, k, lo, hi, 1, 1, 1, r); break;
+    }
+}
+
+/* Threads for one per-tensor row (OpenMP, when compiled with it: the build links the
+ * libgomp torch already loaded, so torch and this share one thread pool). Fixed chunks
+ * of whole cache lines per thread, partial sums added in thread order: the result only
+ * depends on the thread count. Below PAR_MIN elements a second thread costs more than
+ * it saves (torch's own grain size is 32768). */
+#define PAR_MIN 65536
+#define MAXT 64
+static int threads_for(int64_t k, int nt) {
+    if (nt > MAXT) nt = MAXT;
+    return k >= PAR_MIN && nt > 1 ? nt : 1;
+}
+static __attribute__((unused)) void chunk(int64_t k, int n, int i, int64_t *b, int64_t *e) {
+    int64_t c = (((k + n - 1) / n) + 15) & ~(int64_t)15;
+    *b = c * i < k ? c * i : k;
+    *e = *b + c < k ? *b + c : k;
+}
+
+static void row_sums_par(const float *g, const float *t, const float *out, const float *x, float *gx, int64_t k,
+                         float lo, float hi, int dx, int ds, int dz, double *r, int nt) {
+    nt = threads_for(k, nt);
+#ifdef _OPENMP
+    if (nt > 1) {
+        double part[MAXT][2];
+        int used = 1;
+#pragma omp parallel num_threads(nt)
+        {
+            int n = omp_get_num_threads(), i = omp_get_thread_num();
+            int64_t b, e;
+            chunk(k, n, i, &b, &e);
+            row_sums(g + b, t + b, out ? out + b : 0, x ? x + b : 0, gx ? gx + b : 0, e - b, lo, hi, dx, ds, dz,
+                     part[i]);
+            if (i == 0) used = n;
+        }
+        r[0] = r[1] = 0;
+        for (int i = 0; i < used; i++) {
+            r[0] += part[i][0];
+            r[1] += part[i][1];
+        }
+        return;
+    }
+#endif
+    (void)nt;
+    row_sums(g, t, out, x, gx, k, lo, hi, dx, ds, dz, r);
+}
+
+/* gx: x's gradient (NULL: not needed; may be g itself); gs: s's gradient per channel
+ * (NULL: not needed) = (sum g*out - sum gin*x) / s * gf; gz (NULL unless zmask) =
+ * sum(gin - g) * s * zmask * gf: the torch path's float ops after the sums. */
 void deployq_fq_backward(const float *g, const float *t, const float *out, const float *x, float *gx,
                          int64_t c, int64_t k, float lo, float hi, const float *s, const float *zmask,
                          float gf, float *gs, float *gz) {
@@ -123,34 +191,36 @@ void deployq_fq_backward(const float *g, const float *t, const float *out, const
     for (int64_t j = 0; j < c; j++) {
         const int64_t o = j * k;
         double r[2];
-        const float *xo = ds ? x + o : 0, *oo = ds ? out + o : 0;
-        float *gxo = dx ? gx + o : 0;
-        int v = dx * 4 + ds * 2 + dz;
-        switch (v) {
-            case 0: r[0] = r[1] = 0; break;
-            case 1: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 0, 0, 1, r); break;
-            case 2: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 0, 1, 0, r); break;
-            case 3: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 0, 1, 1, r); break;
-            case 4:  /* x's gradient only: a plain loop (no sums) */
-                for (int64_t i = 0; i < k; i++) gxo[i] = keep(g[o + i], t[o + i], lo, hi);
-                r[0] = r[1] = 0;
-                break;
-            case 5: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 1, 0, 1, r); break;
-            case 6: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 1, 1, 0, r); break;
-            default: bwd_row(g + o, t + o, oo, xo, gxo, k, lo, hi, 1, 1, 1, r); break;
-        }
+        row_sums(g + o, t + o, ds ? out + o : 0, ds ? x + o : 0, dx ? gx + o : 0, k, lo, hi, dx, ds, dz, r);
         if (ds) gs[j] = ((float)r[0] / s[j]) * gf;
         if (dz) gz[j] = (((float)r[1] * s[j]) * zmask[j]) * gf;
     }
 }
 
+static void fwd_par(const float *x, float *t, float *out, int64_t k, float s, float z, int mode, float qmin,
+                    float qmax, int nt) {
+    nt = threads_for(k, nt);
+#ifdef _OPENMP
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            int64_t b, e;
+            chunk(k, omp_get_num_threads(), omp_get_thread_num(), &b, &e);
+            if (e > b) deployq_fq_forward(x + b, t + b, out + b, 1, e - b, &s, &z, mode, qmin, qmax);
+        }
+        return;
+    }
+#endif
+    deployq_fq_forward(x, t, out, 1, k, &s, &z, mode, qmin, qmax);
+}
+
 /* LearnedFQ (deployq/quant.py) in one call: from a quantizer's raw cells, the step size
  * scale = clamp(|raw_s|, min=min_scale) (written to `scale`, [c]), the zero-point
  * z = clamp(rne(raw_z), qmin, qmax) (mode 2 only) and zmask = (z == rne(raw_z)) (NULL:
- * not needed), then deployq_fq_forward. */
+ * not needed), then deployq_fq_forward; nt: threads to use (torch's setting). */
 void deployq_lfq_forward(const float *x, float *t, float *out, int64_t c, int64_t k, const float *raw_s,
                          const float *raw_z, int mode, float qmin, float qmax, float min_scale, float *scale,
-                         float *zmask) {
+                         float *zmask, int nt) {
     for (int64_t j = 0; j < c; j++) {
         float a = fabsf(raw_s[j]);
         float sj = a < min_scale ? min_scale : a;
@@ -161,26 +231,27 @@ void deployq_lfq_forward(const float *x, float *t, float *out, int64_t c, int64_
             if (zmask) zmask[j] = zj == zr ? 1.0f : 0.0f;
         }
         scale[j] = sj;
-        deployq_fq_forward(x + j * k, t + j * k, out + j * k, 1, k, &sj, &zj, mode, qmin, qmax);
+        fwd_par(x + j * k, t + j * k, out + j * k, k, sj, zj, mode, qmin, qmax, nt);
     }
 }
 
 /* deployq_fq_backward, then the step size's gradient taken through
  * scale = clamp(|raw_s|, min_scale) as autograd does (where(|raw| >= min, gs, 0) * sgn(raw)):
- * g_raw_s (NULL: not needed), g_raw_z (NULL unless zmask). */
+ * g_raw_s (NULL: not needed), g_raw_z (NULL unless zmask); nt as above. */
 void deployq_lfq_backward(const float *g, const float *t, const float *out, const float *x, float *gx,
                           int64_t c, int64_t k, float lo, float hi, const float *scale, const float *zmask,
-                          float gf, const float *raw_s, float min_scale, float *g_raw_s, float *g_raw_z) {
+                          float gf, const float *raw_s, float min_scale, float *g_raw_s, float *g_raw_z, int nt) {
+    const int dx = gx != 0, ds = g_raw_s != 0, dz = g_raw_z != 0;
     for (int64_t j = 0; j < c; j++) {
-        float gs;
         const int64_t o = j * k;
-        deployq_fq_backward(g + o, t + o, out ? out + o : 0, x ? x + o : 0, gx ? gx + o : 0, 1, k, lo, hi,
-                            scale + j, zmask ? zmask + j : 0, gf, g_raw_s ? &gs : 0,
-                            g_raw_z ? g_raw_z + j : 0);
-        if (g_raw_s) {
-            float r = raw_s[j];
-            float sg = r > 0.0f ? 1.0f : (r < 0.0f ? -1.0f : 0.0f);
-            g_raw_s[j] = (fabsf(r) >= min_scale ? gs : 0.0f) * sg;
+        double r[2];
+        row_sums_par(g + o, t + o, ds ? out + o : 0, ds ? x + o : 0, dx ? gx + o : 0, k, lo, hi, dx, ds, dz, r, nt);
+        if (dz) g_raw_z[j] = (((float)r[1] * scale[j]) * zmask[j]) * gf;
+        if (ds) {
+            float gs = ((float)r[0] / scale[j]) * gf;
+            float rs = raw_s[j];
+            float sg = rs > 0.0f ? 1.0f : (rs < 0.0f ? -1.0f : 0.0f);
+            g_raw_s[j] = (fabsf(rs) >= min_scale ? gs : 0.0f) * sg;
         }
     }
 }

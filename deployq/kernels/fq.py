@@ -103,7 +103,7 @@ def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axi
     lib.deployq_lfq_forward(
         x.data_ptr(), t.data_ptr(), out.data_ptr(), c, x.numel() // c, raw_s.data_ptr(),
         raw_z.data_ptr() if raw_z is not None else None, mode, float(qmin), float(qmax), float(min_scale),
-        scale.data_ptr(), zmask.data_ptr() if zmask is not None else None,
+        scale.data_ptr(), zmask.data_ptr() if zmask is not None else None, torch.get_num_threads(),
     )
     return t, out, scale, zmask
 
@@ -129,5 +129,6 @@ def learned_backward(g, t, out, x, scale, zmask, bounds, grad_factor, raw_s, min
         scale.data_ptr(), zmask.data_ptr() if zmask is not None else None, float(grad_factor),
         raw_s.data_ptr() if need_s else None, float(min_scale),
         gs.data_ptr() if gs is not None else None, gz.data_ptr() if gz is not None else None,
+        torch.get_num_threads(),
     )
     return gx, gs, gz
