@@ -278,6 +278,44 @@ def test_trees_learn_accuracy_cliffs():
     assert ((pred > 0) & (pred < 1)).all()
 
 
+def test_ordinal_features_read_bit_widths_and_help_trees(tmp_path):
+    """Trees on the bit-widths (one ordinal feature per one-hot group) rank per-layer
+    accuracy cliffs better than trees on the one-hot columns; the groups travel with
+    the predictor's state."""
+    from deployq.search.encoder import onehot_groups
+    from deployq.search.predictor import ordinal
+
+    genes = np.array([2, 8, 3, 4, 8, 2, 3][: GSPACE.size])
+    x = encode(tiny_spec(genes), LAYOUT)[None]
+    groups = onehot_groups(LAYOUT)
+    assert len(groups) == GSPACE.size
+    w, a = GSPACE.bits(genes)
+    bits = [w[li.name] if li.weighted else None for li in LAYOUT.searchable]
+    want = []
+    for li, wb in zip(LAYOUT.searchable, bits):
+        want += ([wb] if li.weighted else []) + [a[li.name]]
+    assert ordinal(x, groups)[0, -len(groups) :].tolist() == want
+    assert ordinal(x, groups).shape[1] == x.shape[1] - sum(len(v) for _, v in groups) + len(groups)
+
+    # Each layer loses accuracy below its own threshold bit-width (what supernets show):
+    # one split on the bit-width, several on one-hot columns.
+    rng = np.random.default_rng(0)
+    n, g, choices = 300, 12, np.arange(2, 9)
+    gen = rng.integers(2, 9, (n, g))
+    xs = (gen[:, :, None] == choices[None, None, :]).reshape(n, -1).astype(np.float32)
+    threshold = np.array([3, 4, 5] * 4)
+    logit = 4.0 - (gen <= threshold) @ np.linspace(0.2, 1.0, g) + 0.05 * rng.normal(size=n)
+    y = (1 / (1 + np.exp(-logit))).astype(np.float32)
+    grp = tuple((7 * i, tuple(int(c) for c in choices)) for i in range(g))
+    _, m_oh = fit_and_score(xs, y, PredictorConfig(features="onehot"), groups=grp)
+    pred, m_ord = fit_and_score(xs, y, PredictorConfig(features="ordinal"), groups=grp)
+    assert m_ord.kendall_tau > m_oh.kendall_tau + 0.1, (m_ord, m_oh)
+    torch.save(pred.state(), tmp_path / "p.pt")
+    back = Predictor.from_state(torch.load(tmp_path / "p.pt", weights_only=True))
+    assert back.groups == grp
+    np.testing.assert_allclose(back.predict(xs[:10]), pred.predict(xs[:10]), rtol=1e-9)
+
+
 def test_tree_arrays_predict_like_sklearn():
     from sklearn.ensemble import GradientBoostingRegressor
 

@@ -230,7 +230,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
     from deployq.data import Preprocessing, holdout, load_data
     from deployq.fileio import check_writable
     from deployq.search.cache import CacheKey, SearchCache, cache_dir
-    from deployq.search.encoder import encode_many
+    from deployq.search.encoder import encode_many, onehot_groups
     from deployq.search.genes import GeneSpace, cached_layer_spec
     from deployq.search.layout import NetLayout
     from deployq.search.sampling import (
@@ -333,6 +333,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
             genes, accs = np.concatenate([genes, new]), np.concatenate([accs, new_acc])
             softs = np.concatenate([softs, new_soft])
         x = encode_many([to_spec(g) for g in genes], layout)
+        groups = onehot_groups(layout)
         if n_new:
             cache.save_samples(genes, x, accs, softs)
         timings["sampling_s"] = time.perf_counter() - t0
@@ -352,7 +353,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         predictor_cached = loaded is not None
         if loaded is None:
             update = bars.task("training predictor", 1)
-            predictor = Predictor(x.shape[1], config.predictor).fit(
+            predictor = Predictor(x.shape[1], config.predictor, groups).fit(
                 x[tr], target[tr], on_epoch=lambda e, t: update(e / t)
             )
             metrics = score(predictor)
@@ -415,7 +416,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
                 update(i + 1, f"predicted {p:.3f} measured top-1 {sc.top1:.3f} soft {sc.soft:.3f}")
             if rnd < config.refine_rounds and extra_y:
                 update = bars.task(f"refining predictor ({len(extra_y)} new)", 1)
-                predictor = Predictor(x.shape[1], config.predictor).fit(
+                predictor = Predictor(x.shape[1], config.predictor, groups).fit(
                     np.concatenate([x[tr], np.stack(extra_x)]),
                     np.concatenate([target[tr], np.asarray(extra_y, np.float32)]),
                     on_epoch=lambda e, t, update=update: update(e / t),

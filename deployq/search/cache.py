@@ -28,7 +28,9 @@ from deployq.fileio import atomic_path, write_bytes, write_text
 from deployq.search.predictor import Predictor, PredictorConfig, PredictorMetrics
 from deployq.spec import Form
 
-CACHE_VERSION = 3  # 2: soft accuracies, predictor target; 3: samples distinct
+# 2: soft accuracies, predictor target; 3: samples distinct; 4: the predictor reads
+# ordinal bit features (its state holds the encoder's one-hot groups)
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)

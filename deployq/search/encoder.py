@@ -31,6 +31,20 @@ def encoding_size(layout: NetLayout) -> int:
     return n
 
 
+def onehot_groups(layout: NetLayout) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(start column, bit-widths) of every one-hot bit group in `encode`'s vector, so a
+    predictor can read a layer's bit-width as one ordered number."""
+    out = []
+    i = FORM_FEATURES
+    for li in layout.searchable:
+        if li.weighted:
+            out.append((i, tuple(layout.wbits)))
+            i += len(layout.wbits) + 2
+        out.append((i, tuple(layout.abits)))
+        i += len(layout.abits) + 2
+    return tuple(out)
+
+
 def form_of(spec: SubnetSpec) -> Form:
     """The network-wide form a spec was built in (its first weighted layer's weight form;
     activations are signed only if every symmetric activation grid is)."""

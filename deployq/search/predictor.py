@@ -8,6 +8,15 @@ Two kinds share one interface (`Predictor.fit / predict / state`):
        the same subnets measured again on the val images agree with the held-out
        measurement at 0.73: the predictor is about as good as a second measurement).
   mlp  the paper's MLP (200-wide ReLU layers), Adam, early stopping.
+Trees see each one-hot bit group (`groups`, from encoder.onehot_groups) as one
+ordinal feature, the bit-width itself ("features": "ordinal"): one split then says
+"this layer at <= 3 bits", where on one-hot columns it takes a split per value. On
+four digits ResNet-20 sample sets (2 supernets x 2 forms, 400 subnets, 6 splits of
+320/80) that raises held-out Kendall tau from 0.72-0.75 to 0.755-0.766 (mean); an
+additive per-layer ridge prior, trees on its residuals, the ridge prediction as a
+feature, other depths / learning rates and 5-seed ensembles did not beat it, and
+measuring the samples on shifted copies too did not raise tau either (the
+predictor's error, not the measurement, limits it).
 Targets are accuracies in (0, 1); both kinds regress their logit (a subnet that
 loses 1 point at 97% is worse off than one losing 1 point at 80%, and the logit
 makes those steps comparable), standardised. Predictions come back as accuracies.
@@ -30,6 +39,7 @@ from torch import nn
 @dataclass(frozen=True)
 class PredictorConfig:
     kind: str = "gbm"  # "gbm" (boosted trees) or "mlp" (the paper's MLP)
+    features: str = "ordinal"  # gbm: "ordinal" (bit-width per one-hot group) or "onehot"
     logit_target: bool = True
     trees: int = 400  # gbm
     tree_depth: int = 3
@@ -156,18 +166,43 @@ class Trees:
         return cls(**arrays, base=float(state["base"]))
 
 
+Groups = tuple[tuple[int, tuple[int, ...]], ...]  # (start column, bit-width per column)
+
+
+def ordinal(x: np.ndarray, groups: Groups) -> np.ndarray:
+    """One-hot groups replaced by the value they encode (appended after the columns
+    outside any group, which are kept)."""
+    x = np.asarray(x, np.float32)
+    inside = np.zeros(x.shape[1], bool)
+    values = []
+    for start, vals in groups:
+        stop = start + len(vals)
+        inside[start:stop] = True
+        values.append(x[:, start:stop] @ np.asarray(vals, np.float32))
+    return np.column_stack([x[:, ~inside], *values]) if values else x
+
+
 class Predictor:
-    def __init__(self, in_dim: int, config: PredictorConfig | None = None):
+    def __init__(self, in_dim: int, config: PredictorConfig | None = None, groups: Groups = ()):
         self.config = config or PredictorConfig()
         if self.config.kind not in ("gbm", "mlp"):
             raise ValueError(f"unknown predictor kind {self.config.kind!r}")
+        if self.config.features not in ("ordinal", "onehot"):
+            raise ValueError(f"unknown predictor features {self.config.features!r}")
         self.in_dim = in_dim
+        self.groups: Groups = tuple((int(s), tuple(int(v) for v in vals)) for s, vals in groups)
         torch.manual_seed(self.config.seed)
         self.net = mlp(in_dim, self.config.hidden, self.config.depth)
         self.trees: Trees | None = None
         self.y_mean = 0.0
         self.y_std = 1.0
         self.epochs_run = 0
+
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        if self.config.kind == "gbm" and self.config.features == "ordinal" and self.groups:
+            return ordinal(x, self.groups)
+        return x
 
     def _target(self, y: np.ndarray) -> np.ndarray:
         return _to_logit(y) if self.config.logit_target else np.asarray(y, np.float64)
@@ -184,7 +219,7 @@ class Predictor:
         self.y_std = float(t.std()) if len(t) > 1 and float(t.std()) > 1e-8 else 1.0
         z = (t - self.y_mean) / self.y_std
         if self.config.kind == "gbm":
-            self._fit_trees(np.asarray(x, np.float32), z, on_epoch)
+            self._fit_trees(self._features(x), z, on_epoch)
         else:
             self._fit_mlp(np.asarray(x, np.float32), z.astype(np.float32), on_epoch)
         return self
@@ -255,7 +290,7 @@ class Predictor:
         """Predicted accuracies of a batch of encodings [N, in_dim] -> [N]."""
         x = np.asarray(x, np.float32)
         if self.trees is not None:
-            z = self.trees.predict(x)
+            z = self.trees.predict(self._features(x))
         else:
             with torch.inference_mode():
                 z = self.net(torch.as_tensor(x)).squeeze(1).numpy().astype(np.float64)
@@ -269,6 +304,7 @@ class Predictor:
             "y_mean": self.y_mean,
             "y_std": self.y_std,
             "epochs_run": self.epochs_run,
+            "groups": [[s, list(vals)] for s, vals in self.groups],
         }
         if self.trees is not None:
             out["trees"] = self.trees.state()
@@ -278,7 +314,8 @@ class Predictor:
 
     @classmethod
     def from_state(cls, state: dict) -> Predictor:
-        p = cls(int(state["in_dim"]), PredictorConfig(**state["config"]))
+        groups = tuple((int(s), tuple(int(v) for v in vals)) for s, vals in state.get("groups", ()))
+        p = cls(int(state["in_dim"]), PredictorConfig(**state["config"]), groups)
         if "trees" in state:
             p.trees = Trees.from_state(state["trees"])
         else:
@@ -333,9 +370,10 @@ def fit_and_score(
     config: PredictorConfig | None = None,
     test_fraction: float = 0.2,
     on_epoch: Callable[[int, int], None] | None = None,
+    groups: Groups = (),
 ) -> tuple[Predictor, PredictorMetrics]:
     """Fit on a split of the samples and score on the held-out configurations."""
     config = config or PredictorConfig()
     tr, te = split_indices(len(y), test_fraction, config.seed)
-    pred = Predictor(x.shape[1], config).fit(x[tr], y[tr], on_epoch)
+    pred = Predictor(x.shape[1], config, groups).fit(x[tr], y[tr], on_epoch)
     return pred, score_predictor(pred, x, y, tr, te)
