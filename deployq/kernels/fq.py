@@ -117,8 +117,9 @@ def learned_backward(g, t, out, x, scale, zmask, bounds, grad_factor, raw_s, min
     lib = get()
     if lib is None:
         return None
-    if need_s and not (_dense(out) and _dense(x) and _dense(raw_s)):
-        return None
+    n = t.numel()
+    if need_s and not (_dense(out) and _dense(x) and _dense(raw_s) and out.numel() == n == x.numel()):
+        return None  # (sizes: the kernel reads n floats of each)
     c = scale.numel()
     gx = (g if reuse_g else torch.empty_like(g)) if need_x else None
     gs = torch.empty_like(raw_s) if need_s else None
