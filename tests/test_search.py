@@ -239,6 +239,38 @@ def test_evolution_finds_near_optimum_within_budget():
     assert np.array_equal(run().best, r.best)  # deterministic for a seed
 
 
+def test_descend_lowers_uniform_into_budget_as_fitness_prefers():
+    from deployq.search.evolution import descend
+
+    choices = ((2, 3, 4, 8),) * 6
+    cost = lambda g: float(np.mean(g))
+    # fitness: gene 0 matters a lot, the others a little, gene 5 least
+    weight = np.array([10.0, 1, 1, 1, 1, 0.1])
+    fitness = lambda pop: np.log(pop) @ weight
+    g = descend(np.full(6, 8), choices, fitness, cost, lambda c: c <= 4.0)
+    assert cost(g) <= 4.0 and (g <= 8).all()
+    assert g[0] == 8 and g[5] == 2  # the sensitive gene kept, the insensitive one lowered
+    assert cost(g) > 3.0  # stops as soon as the budget is met
+    # nothing to lower: returns the all-minimum genome
+    assert (descend(np.full(6, 2), choices, fitness, cost, lambda c: c < 1) == 2).all()
+
+
+def test_evolution_starts_from_seeds_within_budget():
+    choices = ((2, 3, 4, 8),) * 6
+    seed = np.array([8, 2, 2, 2, 2, 2])
+    over = np.full(6, 8)
+    res = evolve(
+        choices,
+        lambda pop: -np.abs(pop - 3).sum(1).astype(float),
+        lambda g: float(np.mean(g)),
+        lambda c: c <= 3.5,
+        EvolutionConfig(population=8, parents=2, generations=1, seed=0),
+        init=lambda rng: np.full(6, 2),
+        seeds=[seed, over],
+    )
+    assert tuple(seed) in res.archive and tuple(over) not in res.archive
+
+
 # --------------------------------------------------------------------------- predictor
 
 

@@ -150,8 +150,11 @@ def test_cache_reused_and_invalidated(ckpt, tmp_path):
     )
     assert second.samples_cached and second.predictor_cached
     # top-k per round (4 refinement rounds + the last) + 4 uniform references, then the
-    # 8 best measured once more on the held-out images + shifted copies
-    assert second.n_measured == 5 * 5 + 4 + 8
+    # 8 best measured once more on the held-out images + shifted copies; plus the
+    # near-uniform subnets (uniform ones over budget lowered into it) not measured yet
+    from deployq.search.api import NEAR_UNIFORM
+
+    assert 5 * 5 + 4 + 8 <= second.n_measured <= 5 * 5 + 4 + 8 + NEAR_UNIFORM
     assert second.final_images == 5 * second.n_holdout
     assert second.base_metrics == first.base_metrics
     # A cache for another checkpoint (sha256 differs) is not used.

@@ -69,6 +69,35 @@ def repair(
     return g
 
 
+def descend(
+    genes: Genome,
+    choices,
+    fitness: Fitness,
+    cost: Cost,
+    budget_met: Callable[[float], bool],
+) -> Genome:
+    """Lower one gene one allowed step at a time, each time the step the fitness
+    likes best (ties: the cheaper genome), until the genome is within budget: a
+    uniform subnet over budget becomes the mixed subnet nearest to it that fits.
+    Stops at the all-minimum genome."""
+    g = np.array(genes, dtype=np.int64)
+    sorted_choices = [sorted(c) for c in choices]
+    while not budget_met(cost(g)):
+        steps = []
+        for i in range(len(g)):
+            cs = sorted_choices[i]
+            k = cs.index(int(g[i]))
+            if k > 0:
+                h = g.copy()
+                h[i] = cs[k - 1]
+                steps.append(h)
+        if not steps:
+            break
+        fit = np.asarray(fitness(np.stack(steps)), dtype=np.float64)
+        g = steps[max(range(len(steps)), key=lambda j: (fit[j], -cost(steps[j])))]
+    return g
+
+
 def _picker(parents: list[Genome], rng: np.random.Generator) -> Callable[[], Genome]:
     return lambda: parents[rng.integers(len(parents))]
 
@@ -81,7 +110,10 @@ def evolve(
     config: EvolutionConfig,
     init: Callable[[np.random.Generator], Genome],
     on_generation: Callable[[int, float], None] | None = None,
+    seeds=(),
 ) -> EvolutionResult:
+    """`seeds`: genomes put in the first population (those within budget), the rest
+    drawn with `init`."""
     rng = np.random.default_rng(config.seed)
     archive: dict[tuple[int, ...], tuple[float, float]] = {}
     cost_memo: dict[tuple[int, ...], float] = {}
@@ -118,7 +150,9 @@ def evolve(
     def crossover(a: Genome, b: Genome) -> Genome:
         return np.where(rng.random(len(a)) < 0.5, a, b)
 
-    population = [valid(lambda: init(rng)) for _ in range(config.population)]
+    population = [np.array(g, dtype=np.int64) for g in seeds if budget_met(cost_of(g))]
+    population = population[: config.population]
+    population += [valid(lambda: init(rng)) for _ in range(config.population - len(population))]
     history: list[float] = []
     for gen in range(config.generations):
         fit = score(population)
