@@ -150,6 +150,7 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -
         threads=1,
         seed=args.seed,
         calibration=args.calibration,
+        distill=args.distill,
     )
     say = _Printer(True)
     data = _load_data(base)
@@ -213,6 +214,11 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -
     print("✗ = misses the target (4..8 bits within 0.5 points of FP32, 3 bits within 1.5, 2 bits within 4).")
     worst = {b: min([r[b] for r in sup_rows.values()] + ([trt_row[b]] if b == 8 else [])) for b in BITS}
     met = all(fp32 - worst[b] <= TARGET[b] for b in BITS)
+    cells = [r[b] for r in sup_rows.values() for b in BITS if b >= 4]
+    # One val image is 0.28 points: how far the 4..8-bit cells scatter around their mean says
+    # how much of a miss is the luck of the rounding rather than a worse network.
+    print(f"Supernet 4..8-bit cells (4 forms x 5 bit-widths): mean {statistics.mean(cells):.2f}, "
+          f"sd {statistics.stdev(cells):.2f}, min {min(cells):.2f}, max {max(cells):.2f} (FP32 {fp32:.2f}).")
     print("Supernet worst form per bit-width: "
           + ", ".join(f"w{b}a{b} {worst[b]:.2f}" for b in BITS) + f" -> accuracy targets {'met' if met else 'NOT met'}.")
     gaps = []
@@ -223,7 +229,7 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -
     print(f"Training step, batch {base.batch_size}, 1 thread: FP32 {1000 * tf:.1f} ms, supernet (GPG sandwich, "
           f"3 subnets) {1000 * tq:.1f} ms = {tq / tf:.2f}x (target <= 3.5x).")
     print(f"(setting took {time.perf_counter() - t_start:.0f} s; supernet {args.epochs} epochs from the FP32 weights, "
-          f"weight lr {base.lr_weights:g})")
+          f"weight lr {base.lr_weights:g}{', FP32 teacher' if base.distill else ''})")
 
 
 def main() -> None:
@@ -238,6 +244,7 @@ def main() -> None:
     ap.add_argument("--calibration", default=TrainConfig.calibration, help="search | minmax | hybrid")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
+    ap.add_argument("--distill", action="store_true", help="train with the FP32 model as the GPG head's teacher")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
