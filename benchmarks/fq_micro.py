@@ -19,7 +19,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
 
-import deployq.kernels as kernels
+from deployq import kernels
 from deployq.quant import LearnedFQ, lsq_grad_factor
 
 SIZES = [("16x16 act 64x16x16x16", (64, 16, 16, 16)), ("8x8 act 64x8x8x8", (64, 8, 8, 8)),

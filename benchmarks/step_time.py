@@ -32,7 +32,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # the sibling benchmark; deployq u
 
 from supernet_accuracy import step_times
 
-import deployq.kernels as kernels
+from deployq import kernels
 from deployq.elastic import convert
 from deployq.models import build_model
 from deployq.train import TrainConfig, choose_subnets, sandwich_step

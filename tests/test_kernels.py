@@ -13,11 +13,18 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import deployq.kernels as kernels
+from deployq import kernels
 from deployq.elastic import convert
 from deployq.kernels import fq
 from deployq.models import build_model
-from deployq.quant import LearnedFQ, fake_quant_learned, _fq_backward, _fq_forward, fake_quant, fake_quant_reference
+from deployq.quant import (
+    LearnedFQ,
+    _fq_backward,
+    _fq_forward,
+    fake_quant,
+    fake_quant_learned,
+    fake_quant_reference,
+)
 from deployq.spec import ElasticSpace
 
 GRIDS = [(-128, 127), (0, 255), (-2, 1), (0, 3), (-8, 7)]

@@ -92,7 +92,8 @@ def _compile(cc: list[str], flags: tuple[str, ...], src: Path, dst: Path) -> boo
     fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
     os.close(fd)
     try:
-        r = subprocess.run([*cc, *flags, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
+        cmd = [*cc, *flags, "-o", tmp, str(src)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if r.returncode != 0:
             log.debug("kernel build failed (%s): %s", " ".join([*cc, *flags]), r.stderr.strip()[-500:])
             return False
