@@ -81,7 +81,7 @@ def main() -> None:
     )
     ap.add_argument("--profiles", nargs="+", default=["snpe", "cpu"])
     ap.add_argument("--budget", default="avg-bits=3")
-    ap.add_argument("--samples", type=int, default=600)
+    ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=30, help="supernet epochs when training")
     ap.add_argument("--seed", type=int, default=0)
@@ -116,7 +116,15 @@ def main() -> None:
     _, held = holdout(
         load_data(tc.get("data", "digits"), prep, split="train"), tc["holdout"], tc["seed"]
     )
-    on_held = Measurer(net, held.x, held.y)
+    # as the search measures: the held-out images plus shifted copies
+    copies = SearchConfig(checkpoint=args.ckpt, profile="cpu", budget=args.budget).copies
+    on_held = Measurer(
+        net,
+        held.x,
+        held.y,
+        copies=copies,
+        max_shift=prep.size // 8 if tc.get("augment", True) else 0,
+    )
     layout = NetLayout.of(net, (1, prep.channels, prep.size, prep.size))
     budget = parse_budget(args.budget)
     out_dir = args.ckpt.parent / "search"
@@ -220,7 +228,7 @@ def main() -> None:
         f"search quality: {args.ckpt.name}, digits ResNet-20, {args.samples} samples, "
         f"{args.generations} generations x 100, torch threads {torch.get_num_threads()}, "
         f"predictor target {rows[0]['target']} ({PredictorConfig().kind}), "
-        f"{len(held.y)} held-out train images"
+        f"{len(held.y)} held-out train images x {len(on_held) // len(held.y)} shifted copies"
     )
     hdr = (
         "profile",

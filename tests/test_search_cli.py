@@ -142,6 +142,12 @@ def test_cache_reused_and_invalidated(ckpt, tmp_path):
     cache = ckpt.parent / (ckpt.name + ".cqap") / "w-pc-sym_a-asym"
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["n_samples"] == 30 and meta["key"]["form"] == CPU.to_dict()
+    # samples are measured on the held-out images plus one shifted copy, and the cache
+    # says so (a cache of another version or copy count is not reused)
+    from deployq.search.cache import CACHE_VERSION
+
+    assert meta["version"] == CACHE_VERSION and meta["key"]["copies"] == 2
+    assert first.measure_images == 2 * first.n_holdout
     torch.load(cache / "predictor.pt", weights_only=True)
     # Another budget and output: no subnet is measured again, the predictor is reused.
     second = search(
@@ -157,6 +163,11 @@ def test_cache_reused_and_invalidated(ckpt, tmp_path):
     assert 5 * 5 + 4 + 8 <= second.n_measured <= 5 * 5 + 4 + 8 + NEAR_UNIFORM
     assert second.final_images == 5 * second.n_holdout
     assert second.base_metrics == first.base_metrics
+    one_copy = search(
+        SearchConfig(**{**cfg.__dict__, "copies": 1, "refine_rounds": 0, "out": None}),
+        progress=False,
+    )
+    assert not one_copy.samples_cached and one_copy.measure_images == one_copy.n_holdout
     # A cache for another checkpoint (sha256 differs) is not used.
     other = tmp_path / "other.pt"
     other.write_bytes(ckpt.read_bytes() + b"")

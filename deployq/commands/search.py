@@ -33,7 +33,7 @@ def search_cmd(
     ] = None,
     samples: Annotated[
         int, typer.Option("--samples", help="Subnets measured to train the predictor.")
-    ] = 600,
+    ] = 500,
     generations: Annotated[
         int, typer.Option("--generations", help="Genetic search generations.")
     ] = 30,
@@ -44,6 +44,13 @@ def search_cmd(
             help="Fraction of the TRAIN split held out for measuring (default: training's, else 0.2)."
         ),
     ] = None,
+    copies: Annotated[
+        int,
+        typer.Option(
+            "--copies",
+            help="Measure subnets on the held-out images x this many shifted copies.",
+        ),
+    ] = 2,
     top_k: Annotated[
         int, typer.Option("--top-k", help="Candidates measured for real in each round.")
     ] = 5,
@@ -75,6 +82,7 @@ def search_cmd(
             budget=budget,
             data=data,
             n_samples=samples,
+            copies=copies,
             holdout=holdout,
             generations=generations,
             population=population,
@@ -114,6 +122,7 @@ def _print_summary(r) -> None:
     t.add_row(
         "samples",
         f"{m.n_train + m.n_test} subnets on {r.n_holdout} held-out training images of {r.data}"
+        f"{f' x {r.measure_images // r.n_holdout} shifted copies' if r.measure_images > r.n_holdout else ''}"
         f"{' (cached)' if r.samples_cached else ''}",
     )
     final = (

@@ -2,7 +2,7 @@
 
 Layout: `<checkpoint>.cqap/<form tag>/` holding
   meta.json     what the cache is valid for (checkpoint sha256, form, data source,
-                held-out split, gene choices, net layout) + predictor info
+                held-out split and copies, gene choices, net layout) + predictor info
   samples.npz   genes [N, G] int64, encodings [N, D] float32, top-1 accuracies [N]
                 float32 (y), soft accuracies [N] float32 (soft: mean true-class probability)
   predictor.pt  the trained predictor (tensors and numbers: loads with weights_only=True)
@@ -29,8 +29,9 @@ from deployq.search.predictor import Predictor, PredictorConfig, PredictorMetric
 from deployq.spec import Form
 
 # 2: soft accuracies, predictor target; 3: samples distinct; 4: the predictor reads
-# ordinal bit features (its state holds the encoder's one-hot groups)
-CACHE_VERSION = 4
+# ordinal bit features (its state holds the encoder's one-hot groups); 5: samples
+# measured on the held-out images x `copies` shifted copies
+CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class CacheKey:
     data: str
     holdout: float
     holdout_seed: int
-    n_measure: int
+    n_measure: int  # held-out images
+    copies: int  # each measured as this many shifted copies
     wchoices: tuple[int, ...]
     achoices: tuple[int, ...]
     layout: str  # NetLayout.fingerprint()
