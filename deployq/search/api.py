@@ -76,8 +76,8 @@ class SearchConfig:
     n_measure: int = 0  # measure on at most this many held-out images (0 = all)
     # Samples and candidates measured on the held-out images x this many shifted copies:
     # predictor tau against that measurement, same 450-500 subnets, ordinal gbm, 5
-    # splits: 0.729 -> 0.737 (s0 snpe), 0.728 -> 0.775 (s1 cpu) at 2 copies, which cost
-    # ~1.3x one (the per-subnet weight quantization is shared); 3 and 5 add little.
+    # splits: 0.729 -> 0.737 (s0 snpe), 0.728 -> 0.775 (s1 cpu) at 2 copies, at twice
+    # the measuring time; 3 and 5 copies add little more.
     copies: int = 2
     target: str = "soft"  # what the predictor learns: "soft" (true-class probability) or "top1"
     final_k: int = 8  # best measured candidates re-measured on shifted copies at the end
