@@ -129,10 +129,13 @@ def test_size_bytes_by_hand():
         (108 * 8 / 8 + 4 * 4) + (144 * 4 / 8 + 4 * 4) + (32 * 2 / 8 + 4 * 8) + (40 * 8 / 8 + 4 * 5)
     )
     assert size_bytes(LAYOUT, spec) == expected == 312
-    assert avg_wbits(LAYOUT, spec) == (8 + 4 + 2 + 8) / 4
-    # averages over weighted layers (weights and their inputs); the add is not a choice
-    assert avg_abits(LAYOUT, spec) == (8 + 3 + 3 + 8) / 4
-    assert avg_bits(LAYOUT, spec) == (8 + 4 + 2 + 8 + 8 + 3 + 3 + 8) / 8
+    # averages over the weighted layers the search chooses (weights and their inputs):
+    # the fixed c1 / fc and the add are the same in every subnet
+    assert avg_wbits(LAYOUT, spec) == (4 + 2) / 2
+    assert avg_abits(LAYOUT, spec) == (3 + 3) / 2
+    assert avg_bits(LAYOUT, spec) == (4 + 2 + 3 + 3) / 4
+    uniform3 = tiny_spec([3] * GSPACE.size)
+    assert avg_bits(LAYOUT, uniform3) == 3.0  # W3A3 with 8-bit ends is a 3-bit net
     assert bitops(LAYOUT, spec) == 6912 * 64 + 9216 * 12 + 512 * 6 + 40 * 64
 
 
@@ -192,14 +195,18 @@ def test_parse_budget_errors(text, message):
 
 
 def test_infeasible_budget_names_cheapest_cost():
-    # cheapest: c2/c3 weights 2, acts 2, c1/fc 8 -> (8+2+2+8 + 8+2+2+8) / 8
+    # cheapest: the chosen c2/c3 at 2 bits (weights and inputs); c1/fc do not count
     with pytest.raises(UserError) as e:
-        check_feasible(parse_budget("avg-bits=3"), LAYOUT, (2, 3), (2, 3))
+        check_feasible(parse_budget("avg-bits=1.5"), LAYOUT, (2, 3), (2, 3))
+    assert str(e.value) == "budget avg-bits=1.5 cannot be met: the cheapest configuration costs 2.00"
+    assert check_feasible(parse_budget("avg-bits=2"), LAYOUT, (2, 3), (2, 3)) == pytest.approx(2.0)
+    # size counts the fixed 8-bit ends: (108 + 40) * 8/8 + (144 + 32) * 2/8 + 4 * (4 + 4 + 8 + 5)
+    with pytest.raises(UserError) as e:
+        check_feasible(parse_budget("size=200"), LAYOUT, (2, 3), (2, 3))
     assert str(e.value) == (
-        "budget avg-bits=3 cannot be met: the cheapest configuration costs 5.00 "
+        "budget size=200 cannot be met: the cheapest configuration costs 276 "
         "(first/last layers fixed at 8 bits)"
     )
-    assert check_feasible(parse_budget("avg-bits=5"), LAYOUT, (2, 3), (2, 3)) == pytest.approx(5.0)
 
 
 # --------------------------------------------------------------------------- evolution

@@ -14,7 +14,7 @@ def demo_cmd(
     ),
     fast: Annotated[bool, typer.Option("--fast", help="Tiny run (under 2 minutes): for smoke tests.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier demo output in --out.")] = False,
-    budget: Annotated[str, typer.Option("--budget", help="Search budget for the snpe subnet, KIND=VALUE.")] = "avg-bits=4",
+    budget: Annotated[str, typer.Option("--budget", help="Search budget for the snpe subnet, KIND=VALUE.")] = "avg-bits=3.5",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final table.")] = False,
 ) -> None:

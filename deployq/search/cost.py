@@ -1,16 +1,20 @@
 """Cost models of a subnet and the budget a search must meet.
 
 Each cost is a pure function of (layout, spec) -> float; the search receives the one
-the budget names. Costs count every weighted layer, fixed first/last layers included
-(they are deployed too), so the cheapest subnet of a net with 8-bit ends costs more
-than its minimum bit-width. The weightless quantizers (residual adds, pooling) carry
-the residual stream at the fixed width in every subnet: they are not a choice and
-are left out of the averages, as the paper counts layers (weights and their inputs).
+the budget names.
+
+The averages count the layers the search chooses: the weighted layers that are not
+pinned. Fixed first/last layers (8 bits by default) are the same in every subnet, as
+the residual stream through the weightless quantizers (adds, pooling) is: none of them
+is a choice, and a net that keeps 8-bit ends with 3-bit layers between them is what
+papers call W3A3, so uniform 3-bit must cost exactly avg-bits=3. (With every layer
+fixed, the averages fall back to all weighted layers.) Size and BitOps are physical and
+count every weighted layer, fixed ones included.
 
 - avg-bits:  mean over the weight bit-widths and the input-activation bit-widths of
-             the weighted layers -- the paper's measure
-- avg-wbits: mean weight bit-width over weighted layers
-- avg-abits: mean input-activation bit-width over weighted layers
+             the chosen weighted layers -- the paper's measure
+- avg-wbits: mean weight bit-width over the chosen weighted layers
+- avg-abits: mean input-activation bit-width over the chosen weighted layers
 - size:      bytes of weights at their bit-width (numel * bits / 8) plus an int32 bias
              per output channel (scales and zero-points are not counted)
 - bitops:    sum over weighted layers of MACs * weight bits * activation bits (per image)
@@ -30,21 +34,25 @@ from deployq.spec import SubnetSpec
 Bits = Mapping[str, int]
 
 
+def _chosen(layout: NetLayout) -> list[str]:
+    """Names of the weighted layers the averages count (see the module docstring)."""
+    weighted = [li for li in layout.layers if li.weighted]
+    return [li.name for li in weighted if not li.fixed] or [li.name for li in weighted]
+
+
 def _avg_bits(layout: NetLayout, w: Bits, a: Bits) -> float:
-    vals = [w[li.name] for li in layout.layers if li.weighted] + [
-        a[li.name] for li in layout.layers if li.weighted
-    ]
-    return sum(vals) / len(vals)
+    names = _chosen(layout)
+    return (sum(w[n] for n in names) + sum(a[n] for n in names)) / (2 * len(names))
 
 
 def _avg_wbits(layout: NetLayout, w: Bits, a: Bits) -> float:
-    vals = [w[li.name] for li in layout.layers if li.weighted]
-    return sum(vals) / len(vals)
+    names = _chosen(layout)
+    return sum(w[n] for n in names) / len(names)
 
 
 def _avg_abits(layout: NetLayout, w: Bits, a: Bits) -> float:
-    vals = [a[li.name] for li in layout.layers if li.weighted]
-    return sum(vals) / len(vals)
+    names = _chosen(layout)
+    return sum(a[n] for n in names) / len(names)
 
 
 def _size_bytes(layout: NetLayout, w: Bits, a: Bits) -> float:
@@ -160,7 +168,7 @@ def check_feasible(
     cheapest = budget.bits_cost(layout, w, a)
     if not budget.met(cheapest):
         why = ""
-        if any(li.fixed for li in layout.layers):
+        if any(li.fixed for li in layout.layers) and not budget.kind.startswith("avg"):
             why = f" (first/last layers fixed at {layout.fixed_bits} bits)"
         raise UserError(
             f"budget {budget} cannot be met: the cheapest configuration costs "
