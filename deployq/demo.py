@@ -389,7 +389,7 @@ def _run(config: DemoConfig, out: Path, work: Path, budget, progress: bool, t_st
             generations=s.generations, population=s.population, parents=s.parents, top_k=s.top_k,
             seed=config.seed, out=work / "subnet.json",
         ), progress=progress)
-        stage.say(f"chosen: {bits_label(sr.spec)}, cost {sr.cost:.3g} (budget {sr.budget.value:g}), measured "
+        stage.say(f"chosen: {bits_label(sr.spec, net.fixed_layers)}, cost {sr.cost:.3g} (budget {sr.budget.value:g}), measured "
                   f"{100 * sr.measured_acc:.2f}% on held-out training images; predictor Kendall tau "
                   f"{sr.metrics.kendall_tau:.3f} vs {sr.metrics.target} accuracy, "
                   f"{sr.metrics.kendall_tau_top1:.3f} vs top-1")
@@ -423,7 +423,7 @@ def _run(config: DemoConfig, out: Path, work: Path, budget, progress: bool, t_st
         rel_model = f"models/{path.name}"
         base = {
             "profile": prof.name if prof else None,
-            "bits": "fp32" if spec is None else bits_label(spec),
+            "bits": "fp32" if spec is None else bits_label(spec, net.fixed_layers),
             "backend": backend,
             "onnx_bytes": path.stat().st_size,
             "weight_bytes": _weight_bytes(net, spec),
@@ -478,7 +478,7 @@ def _run(config: DemoConfig, out: Path, work: Path, budget, progress: bool, t_st
         "kendall_tau_target": sr.metrics.target,
         "kendall_tau_top1": sr.metrics.kendall_tau_top1,
         "rmse": sr.metrics.rmse,
-        "bits": bits_label(sr.spec),
+        "bits": bits_label(sr.spec, net.fixed_layers),
     }
     notes = []
     if not qnn_ok:

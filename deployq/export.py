@@ -607,6 +607,7 @@ def _metadata(ckpt: Checkpoint, kind: str, profile: Profile | None, spec: Subnet
         meta[onnx_meta.PROFILE] = profile.name
         meta[onnx_meta.SUBNET] = spec.to_dict()
         meta[onnx_meta.EMULATED] = list(emulated)
+        meta[onnx_meta.FIXED_LAYERS] = list(ckpt.net.fixed_layers)
     return meta
 
 

@@ -21,10 +21,11 @@ MODEL = "deployq.model"  # JSON: {"name": ..., "args": {...}}
 PREPROCESSING = "deployq.preprocessing"  # JSON: deployq.data.Preprocessing.to_dict()
 CLASS_NAMES = "deployq.class_names"  # JSON list of str
 EMULATED = "deployq.emulated"  # JSON list of {"tensor", "bits", "container"} emulated in 8-bit
+FIXED_LAYERS = "deployq.fixed_layers"  # JSON list: layers the checkpoint pins (first/last)
 # JSON: how the logits were quantized for targets that refuse a float output (QNN HTP).
 OUTPUT_QUANTIZER = "deployq.output_quantizer"
 
-JSON_KEYS = (SUBNET, MODEL, PREPROCESSING, CLASS_NAMES, EMULATED, OUTPUT_QUANTIZER)
+JSON_KEYS = (SUBNET, MODEL, PREPROCESSING, CLASS_NAMES, EMULATED, OUTPUT_QUANTIZER, FIXED_LAYERS)
 
 
 def write(model: onnx.ModelProto, values: Mapping[str, object]) -> None:

@@ -181,15 +181,26 @@ class ModelRow:
         return f"{self.profile or 'fp32'} {self.bits}" + (" (qnn)" if self.backend == "qnn" else "")
 
 
-def bits_label(spec) -> str:
-    """'w4a4' for a uniform body (fixed 8-bit first/last layers aside), else 'mixed'."""
+def bits_label(spec, fixed: Iterable[str] = ()) -> str:
+    """'w4a4' for a uniform body (fixed 8-bit first/last layers aside), else 'mixed (avg
+    w.. a..)'. With the names of the fixed layers, the averages are the search budget's
+    (deployq.search.cost): weights and inputs of the weighted layers that are not fixed;
+    without them, of every weighted layer."""
+    fixed = set(fixed)
     w = spec.weight_bits()
     a = spec.act_bits()
-    body_w = sorted(set(w.values()) - {8}) or [8]
-    body_a = sorted(set(a.values()) - {8}) or [8]
+    if fixed:
+        body_w = sorted({b for n, b in w.items() if n not in fixed}) or [8]
+        body_a = sorted({a[n] for n in w if n not in fixed}) or [8]
+    else:
+        body_w = sorted(set(w.values()) - {8}) or [8]
+        body_a = sorted(set(a.values()) - {8}) or [8]
     if len(body_w) == 1 and len(body_a) == 1:
         return f"w{body_w[0]}a{body_a[0]}"
-    return f"mixed (avg w{sum(w.values()) / len(w):.1f} a{sum(a.values()) / len(a):.1f})"
+    chosen = [n for n in w if n not in fixed] or list(w)
+    avg_w = sum(w[n] for n in chosen) / len(chosen)
+    avg_a = sum(a[n] for n in chosen) / len(chosen)
+    return f"mixed (avg w{avg_w:.1f} a{avg_a:.1f})"
 
 
 def _resolve_model(report_path: Path | None, model_path: str) -> Path | None:
@@ -239,7 +250,7 @@ def _bits_from_onnx(path: Path) -> str | None:
     if not sub:
         return None
     try:
-        return bits_label(SubnetSpec.from_dict(sub))
+        return bits_label(SubnetSpec.from_dict(sub), meta.get(onnx_meta.FIXED_LAYERS) or ())
     except UserError:
         return None
 

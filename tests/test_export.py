@@ -179,6 +179,7 @@ def test_graph_rules_metadata_and_determinism(ckpt, tmp_path, name):
     assert meta[onnx_meta.MODEL] == {"name": "resnet20", "args": ckpt.meta.model_args}
     assert meta[onnx_meta.PREPROCESSING] == ckpt.meta.preprocessing
     assert meta[onnx_meta.CLASS_NAMES] == list(ckpt.meta.class_names)
+    assert meta[onnx_meta.FIXED_LAYERS] == list(ckpt.net.fixed_layers) and "stem.0" in meta[onnx_meta.FIXED_LAYERS]
     emulated = meta[onnx_meta.EMULATED]
     assert emulated == list(a.emulated) and emulated
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -226,7 +226,12 @@ def test_elastic_json_round_trip_and_override(inputs, tmp_path):
 def test_bits_label():
     assert bits_label(_uniform(SNPE_FORM, 3)) == "w3a3"
     assert bits_label(_uniform(SNPE_FORM, 8)) == "w8a8"
-    assert bits_label(_mixed()) == "mixed (avg w5.0 a5.8)"  # (8+4+2+3+8)/5, (8+4+6+4+5+8)/6
+    # weighted layers (the add is the residual stream): (8+4+2+3+8)/5, (8+4+6+5+8)/5
+    assert bits_label(_mixed()) == "mixed (avg w5.0 a6.2)"
+    # knowing the fixed layers, the averages are the search budget's: chosen weighted layers
+    fixed = {"conv1", "fc"}
+    assert bits_label(_mixed(), fixed) == "mixed (avg w3.0 a5.0)"  # (4+2+3)/3, (4+6+5)/3
+    assert bits_label(_uniform(SNPE_FORM, 3), fixed) == "w3a3"
 
 
 def test_search_inputs_read_the_csv(inputs):
