@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from same_math import assert_same_forward_and_grads, bits, grads
 
 from deployq import kernels
 from deployq.elastic import convert
@@ -58,8 +59,6 @@ def use(lib, monkeypatch):
     yield set_
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
 
 
 @st.composite
@@ -107,8 +106,8 @@ def test_kernel_equals_the_torch_path(use, case, gf, flags, with_z):
     use(True)
     assert fq.forward(x, s, z, qmin, qmax, zero_offset) is not None  # the kernel ran
     t, out = _fq_forward(x, s, z, qmin, qmax, zero_offset)
-    assert torch.equal(_bits(out), _bits(out_ref))  # signs of zeros included
-    assert torch.equal(_bits(t), _bits(t_ref))
+    assert torch.equal(bits(out), bits(out_ref))  # signs of zeros included
+    assert torch.equal(bits(t), bits(t_ref))
 
     need_x, need_s, reuse = flags
     zmask = None if z is None or not with_z else (z.abs() < qmax).float()
@@ -164,10 +163,10 @@ def test_learned_kernel_equals_the_torch_path(use, seed, grid, per_channel, mode
         assert (fq.a is None) == on  # which path ran
         res.append((out, scale, grads))
     (o1, s1, g1), (o2, s2, g2) = res
-    assert torch.equal(_bits(o1), _bits(o2)) and torch.equal(_bits(s1), _bits(s2))
+    assert torch.equal(bits(o1), bits(o2)) and torch.equal(bits(s1), bits(s2))
     assert s1.shape == s2.shape == raw_s.shape
     if need_x:
-        assert torch.equal(_bits(g1[0]), _bits(g2[0]))  # a mask of g: exact
+        assert torch.equal(bits(g1[0]), bits(g2[0]))  # a mask of g: exact
     # the step size's sum cancels (sum g*out - sum g*x): float32 (torch) against double
     # (kernel) rounding, relative to the size of the summed terms
     tol = 1e-6 * float((g.abs() * (x.abs() + o1.abs())).sum()) * 0.03 / float(s1.min())
@@ -201,7 +200,7 @@ def test_threaded_kernel_on_a_large_tensor_equals_the_torch_path(use, mode):
         torch.set_num_threads(n)
     ref = res[0]
     for got in res[1:]:
-        assert torch.equal(_bits(got[0]), _bits(ref[0])) and torch.equal(got[1], ref[1])
+        assert torch.equal(bits(got[0]), bits(ref[0])) and torch.equal(got[1], ref[1])
         for a, b in zip(got[2:], ref[2:]):
             assert (a is None) == (b is None)
             if a is not None:
@@ -221,7 +220,7 @@ def test_portable_build_equals_the_torch_path(kernel_dir, monkeypatch):
     monkeypatch.setattr(kernels, "_lib", plain)
     got = fq.forward(x, s, z, -8, 7, False)
     for a, b in zip(got, ref):
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(bits(a), bits(b))
 
 
 def test_double_backward_after_a_kernel_forward_is_traced(use):
@@ -253,7 +252,7 @@ def test_forward_equals_the_onnx_reference_on_asymmetric_grids(use):
             z = torch.tensor([zv])
             assert fq.forward(x, s, torch.round(z).clamp(qmin, qmax), qmin, qmax, False) is not None
             got = fake_quant(x, s, z, qmin, qmax)
-            assert torch.equal(_bits(got), _bits(fake_quant_reference(x, s, z, qmin, qmax)))
+            assert torch.equal(bits(got), bits(fake_quant_reference(x, s, z, qmin, qmax)))
 
 
 def test_tensors_the_kernel_does_not_take_use_the_torch_path(use):
@@ -296,13 +295,8 @@ def test_supernet_gradients_with_and_without_the_kernel(use):
             net.zero_grad(set_to_none=True)
             out = net(x)
             F.cross_entropy(out, y).backward()
-            res.append((out.detach(), {n: p.grad for n, p in net.named_parameters()}))
-        (o1, g1), (o2, g2) = res
-        assert torch.equal(_bits(o1), _bits(o2))
-        for n in g1:
-            assert (g1[n] is None) == (g2[n] is None), n
-            if g1[n] is not None:
-                torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+            res.append((out.detach(), grads(net)))
+        assert_same_forward_and_grads(*res)
 
 
 def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch):

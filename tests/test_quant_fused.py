@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from same_math import assert_same_forward_and_grads, bits, grads
 
 from deployq.elastic import MIN_SCALE, ElasticConv2d, convert
 from deployq.models import build_model
@@ -27,8 +28,6 @@ SPECS = [weight_spec(b, pc, sym) for b in (2, 3, 8) for pc in (False, True) for 
 ]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
 
 
 def _raw(spec: QuantSpec, c: int, seed: int):
@@ -59,7 +58,7 @@ def test_learned_fake_quant_matches_the_composite_through_abs_and_clamp(seed, k,
 
     xr, sr, zr = (t.clone().requires_grad_() for t in (x0, s0, z0))
     sv = sr.abs().clamp(min=MIN_SCALE)
-    assert torch.equal(_bits(scale), _bits(sv.detach())) and not scale.requires_grad
+    assert torch.equal(bits(scale), bits(sv.detach())) and not scale.requires_grad
     zarg = zr if learned_z else torch.zeros_like(z0)
     if spec.per_channel:
         sv, zarg = channel_view(sv, 4, 0), channel_view(zarg, 4, 0)
@@ -70,7 +69,7 @@ def test_learned_fake_quant_matches_the_composite_through_abs_and_clamp(seed, k,
     # bit for bit (signs of zeros included) with the plain fused op the layers used before,
     # which skips the zero-point of symmetric grids
     plain = fake_quant(x0, sv.detach(), None if spec.symmetric else zarg.detach(), spec.qmin, spec.qmax)
-    assert torch.equal(_bits(out), _bits(plain))
+    assert torch.equal(bits(out), bits(plain))
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.grad, sr.grad, rtol=1e-4, atol=1e-4)
     if learned_z:
@@ -95,8 +94,6 @@ def _net(seed: int = 0, size: int = 8):
     return net
 
 
-def _grads(net) -> dict[str, torch.Tensor | None]:
-    return {n: (None if p.grad is None else p.grad.clone()) for n, p in net.named_parameters()}
 
 
 def test_memo_of_tied_quantizers_changes_no_value():
@@ -114,13 +111,8 @@ def test_memo_of_tied_quantizers_changes_no_value():
             net.zero_grad(set_to_none=True)
             out = f(x)
             F.cross_entropy(out, y).backward()
-            res.append((out.detach(), _grads(net)))
-        (o1, g1), (o2, g2) = res
-        assert torch.equal(_bits(o1), _bits(o2))
-        for n in g1:
-            assert (g1[n] is None) == (g2[n] is None), n
-            if g1[n] is not None:
-                torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+            res.append((out.detach(), grads(net)))
+        assert_same_forward_and_grads(*res)
 
 
 @pytest.mark.parametrize("form", [0, 3])
@@ -193,9 +185,9 @@ def test_cached_cells_follow_a_loaded_state_dict():
         spec = a.uniform_spec(a.space.forms[1], 4)
         a.set_active(spec)
         b.set_active(spec)
-        assert torch.equal(_bits(a(x)), _bits(b(x)))
+        assert torch.equal(bits(a(x)), bits(b(x)))
         # assign=True replaces the Parameters themselves: the cached cells must follow
         c = _net(seed=1)
         c.set_active(spec)
         b.load_state_dict(c.state_dict(), assign=True)
-        assert torch.equal(_bits(c(x)), _bits(b(x)))
+        assert torch.equal(bits(c(x)), bits(b(x)))
