@@ -159,9 +159,9 @@ def test_learned_kernel_equals_the_torch_path(use, seed, grid, per_channel, mode
         with torch.no_grad():
             out, scale = fq.forward(x, raw_s, raw_z, qmin, qmax, 0.03, 1e-8, 0 if per_channel else None,
                                     mode == "offset", True)
-            grads = fq.backward(g.clone(), out, x if need_s else None, raw_s, need_x, need_s, reuse)
+            grad = fq.backward(g.clone(), out, x if need_s else None, raw_s, need_x, need_s, reuse)
         assert (fq.a is None) == on  # which path ran
-        res.append((out, scale, grads))
+        res.append((out, scale, grad))
     (o1, s1, g1), (o2, s2, g2) = res
     assert torch.equal(bits(o1), bits(o2)) and torch.equal(bits(s1), bits(s2))
     assert s1.shape == s2.shape == raw_s.shape
@@ -347,3 +347,29 @@ def test_cache_dir_respects_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("DEPLOYQ_KERNEL_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert kernels.cache_dir() == tmp_path / "deployq" / "kernels"
+
+
+def test_a_new_build_prunes_builds_unused_for_a_month(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("DEPLOYQ_KERNELS", "1")
+    old = tmp_path / "fakequant-0000.so"
+    recent = tmp_path / "fakequant-1111.so"
+    other = tmp_path / "notes.txt"
+    for f in (old, recent, other):
+        f.write_bytes(b"x")
+    month_ago = time.time() - kernels.PRUNE_AFTER_S - 60
+    os.utime(old, (month_ago, month_ago))
+    os.utime(other, (month_ago, month_ago))
+    built = kernels.build(tmp_path)
+    if built is None:
+        pytest.skip("no C compiler on this machine")
+    path, compiled = built
+    assert compiled and path.exists()
+    assert not old.exists() and recent.exists() and other.exists()
+    # loading a cached build marks it used, so it survives the next prune
+    os.utime(path, (month_ago, month_ago))
+    assert kernels.build(tmp_path) == (path, False)
+    assert path.stat().st_mtime > month_ago + 3600
+    assert kernels.prune(tmp_path, keep=None) == []

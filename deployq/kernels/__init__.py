@@ -131,9 +131,38 @@ def _builds(directory: Path | None, flag_sets):
         for flags in flag_sets:
             dst = directory / f"fakequant-{_key(source, cc, flags)}.so"
             if dst.exists():
+                _touch(dst)
                 yield dst, False
             elif _compile(cc, flags, src, dst):
+                prune(directory, keep=dst)
                 yield dst, True
+
+
+PRUNE_AFTER_S = 30 * 24 * 3600
+
+
+def _touch(path: Path) -> None:
+    # the mtime marks the last use: prune() removes builds no deployq has loaded for a month
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def prune(directory: Path, keep: Path | None = None, older_than_s: float = PRUNE_AFTER_S) -> list[Path]:
+    """Remove cached builds unused for `older_than_s` (other source versions, compilers,
+    machines sharing a home). A build removed while still wanted is recompiled in about a
+    second. Returns what was removed."""
+    import time
+
+    cutoff = time.time() - older_than_s
+    removed = []
+    for f in Path(directory).glob("fakequant-*.so"):
+        try:
+            if f != keep and f.stat().st_mtime < cutoff:
+                f.unlink()
+                removed.append(f)
+        except OSError:
+            continue
+    return removed
 
 
 def _bind(path: Path) -> ctypes.CDLL | None:
