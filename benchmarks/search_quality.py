@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deployq.augment import max_shift
 from deployq.checkpoint import load_checkpoint
 from deployq.data import Preprocessing, holdout, load_data
 from deployq.profile import load_profile
@@ -124,7 +125,7 @@ def main() -> None:
         held.x,
         held.y,
         copies=copies,
-        max_shift=prep.size // 8 if tc.get("augment", True) else 0,
+        max_shift=max_shift(prep.size, tc.get("augment", True)),
     )
     layout = NetLayout.of(net, (1, prep.channels, prep.size, prep.size))
     budget = parse_budget(args.budget)

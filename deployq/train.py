@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deployq.augment import max_shift, random_shift
 from deployq.errors import UserError
 from deployq.fileio import check_writable
 from deployq.spec import ElasticSpace, Form, check_bits
@@ -262,21 +263,6 @@ def _epoch_batches(
     bs = min(batch_size, len(idx))
     full = len(idx) // bs
     return [idx[i * bs : (i + 1) * bs] for i in range(full)]
-
-
-def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to max_shift pixels (replicate padding: the border of
-    a digit image is its background)."""
-    if max_shift <= 0:
-        return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=gen)
-    out = torch.empty_like(x)
-    for i in range(n):
-        dy, dx = int(offs[i, 0]), int(offs[i, 1])
-        out[i] = padded[i, :, dy : dy + h, dx : dx + w]
-    return out
 
 
 # --------------------------------------------------------------------------- model
@@ -564,7 +550,7 @@ def warmup_fp32(model: nn.Module, data: _Data, cfg: TrainConfig, d: _Dist, say, 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.warmup_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = cfg.warmup_epochs * len(_epoch_batches(len(data.fit), cfg.batch_size, 0, cfg.seed, d))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    shift = data.preprocessing.size // 8 if cfg.augment else 0
+    shift = max_shift(data.preprocessing.size, cfg.augment)
     acc = float("nan")
     for epoch in range(cfg.warmup_epochs):
         batches = _epoch_batches(len(data.fit), cfg.batch_size, epoch, cfg.seed + 7919, d)
@@ -750,7 +736,7 @@ def train(config: TrainConfig, progress: bool = True):
         no_sync = forward.no_sync
 
     single = single_subnet(space)
-    shift = data.preprocessing.size // 8 if cfg.augment else 0
+    shift = max_shift(data.preprocessing.size, cfg.augment)
     all_params = [p for p in net.parameters()]
     for epoch in range(start_epoch, cfg.epochs):
         net.train()

@@ -242,6 +242,7 @@ def _holdout_params(config: SearchConfig, train_config: dict) -> tuple[float, in
 
 
 def search(config: SearchConfig, progress: bool = True) -> SearchResult:
+    from deployq.augment import max_shift as augment_shift
     from deployq.checkpoint import file_sha256
     from deployq.data import Preprocessing, holdout, load_data
     from deployq.fileio import check_writable
@@ -291,7 +292,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
     idx = subsample(len(held), config.n_measure, hseed)
     # Training's augmentation (random shifts of up to size/8 pixels) is what makes
     # shifted copies in-distribution; without it there are no copies.
-    max_shift = prep.size // 8 if meta.train_config.get("augment", True) else 0
+    max_shift = augment_shift(prep.size, meta.train_config.get("augment", True))
     measure = Measurer(net, held.x[idx], held.y[idx], copies=config.copies, max_shift=max_shift)
 
     key = CacheKey(

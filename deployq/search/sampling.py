@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deployq.augment import shifted_copies
+
 SPREAD = 1.0  # mean std-dev (in bits) of per-layer bits around the drawn target
 LOCAL_FRACTION = 0.5  # share of genomes that are a uniform subnet with a few genes changed
 MAX_CHANGES = 6
@@ -105,26 +107,6 @@ class Scores:
 
     top1: float
     soft: float
-
-
-def shifted_copies(x: torch.Tensor, max_shift: int, n_copies: int) -> torch.Tensor:
-    """x followed by n_copies - 1 translated copies (deterministic offsets within
-    +-max_shift, replicate padding as in training's augmentation): more in-distribution
-    images to measure on without touching other data."""
-    if n_copies <= 1 or max_shift <= 0:
-        return x
-    offsets = [(dy, dx) for r in range(1, max_shift + 1) for dy, dx in _ring(r)]
-    offsets = offsets[: n_copies - 1]
-    s = max_shift
-    h, w = x.shape[-2:]
-    padded = torch.nn.functional.pad(x, (s,) * 4, mode="replicate")
-    copies = [x] + [padded[..., s + dy : s + dy + h, s + dx : s + dx + w] for dy, dx in offsets]
-    return torch.cat(copies).contiguous()
-
-
-def _ring(r: int) -> list[tuple[int, int]]:
-    # Diagonals first: they move the digit in both directions at once.
-    return [(r, r), (-r, -r), (r, -r), (-r, r), (r, 0), (-r, 0), (0, r), (0, -r)]
 
 
 class Measurer:
