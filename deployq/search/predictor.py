@@ -14,9 +14,8 @@ ordinal feature, the bit-width itself ("features": "ordinal"): one split then sa
 four digits ResNet-20 sample sets (2 supernets x 2 forms, 400 subnets, 6 splits of
 320/80) that raises held-out Kendall tau from 0.72-0.75 to 0.755-0.766 (mean); an
 additive per-layer ridge prior, trees on its residuals, the ridge prediction as a
-feature, other depths / learning rates and 5-seed ensembles did not beat it, and
-measuring the samples on shifted copies too did not raise tau either (the
-predictor's error, not the measurement, limits it).
+feature, other depths / learning rates and 5-seed ensembles did not beat it. (Measuring
+on shifted copies too: see SearchConfig.copies.)
 Targets are accuracies in (0, 1); both kinds regress their logit (a subnet that
 loses 1 point at 97% is worse off than one losing 1 point at 80%, and the logit
 makes those steps comparable), standardised. Predictions come back as accuracies.
@@ -191,8 +190,10 @@ class Predictor:
             raise ValueError(f"unknown predictor features {self.config.features!r}")
         self.in_dim = in_dim
         self.groups: Groups = tuple((int(s), tuple(int(v) for v in vals)) for s, vals in groups)
-        torch.manual_seed(self.config.seed)
-        self.net = mlp(in_dim, self.config.hidden, self.config.depth)
+        self.net: nn.Module | None = None
+        if self.config.kind == "mlp":
+            torch.manual_seed(self.config.seed)
+            self.net = mlp(in_dim, self.config.hidden, self.config.depth)
         self.trees: Trees | None = None
         self.y_mean = 0.0
         self.y_std = 1.0
@@ -291,6 +292,8 @@ class Predictor:
         x = np.asarray(x, np.float32)
         if self.trees is not None:
             z = self.trees.predict(self._features(x))
+        elif self.net is None:
+            raise ValueError("predict() before fit()")
         else:
             with torch.inference_mode():
                 z = self.net(torch.as_tensor(x)).squeeze(1).numpy().astype(np.float64)
