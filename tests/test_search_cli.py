@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +228,20 @@ def test_bad_input(ckpt, tmp_path, capsys):
         capsys, ["search", str(junk), "--profile", "snpe", "--budget", "avg-bits=4"]
     )
     assert not (tmp_path / "s.json").exists()
+
+
+def test_cli_search_defaults_are_the_library_defaults():
+    """The CLI spells its defaults out (command modules must not import torch at import
+    time); they must not drift from SearchConfig's, which the benchmark measures."""
+    import inspect
+
+    from deployq.commands.search import search_cmd
+    from deployq.search.api import SearchConfig
+
+    params = inspect.signature(search_cmd).parameters
+    cfg = SearchConfig(checkpoint=Path("x.pt"), profile="snpe", budget="avg-bits=4")
+    pairs = {"samples": "n_samples", "copies": "copies", "generations": "generations",
+             "population": "population", "top_k": "top_k", "refine_rounds": "refine_rounds",
+             "target": "target", "seed": "seed", "holdout": "holdout"}
+    for cli_name, field in pairs.items():
+        assert params[cli_name].default == getattr(cfg, field), cli_name
