@@ -30,12 +30,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # the sibling benchmark; deployq uninstalled
 
-from supernet_accuracy import step_times
+from supernet_accuracy import step_times, supernet_step
 
 from deployq import kernels
 from deployq.elastic import convert
 from deployq.models import build_model
-from deployq.train import TrainConfig, choose_subnets, sandwich_step
+from deployq.train import TrainConfig
 
 SETTINGS = [("16x16 input, width-16 ResNet-20", 16, 16), ("8x8 input (native), width-8 ResNet-20", 8, 8)]
 
@@ -59,21 +59,11 @@ def profile(size: int, width: int, steps: int) -> None:
     """cProfile of supernet steps (where Python time goes), sorted by own time."""
     import cProfile
     import pstats
-    import random
 
     _, net, cfg = build(size, width)
     x = torch.randn(cfg.batch_size, 3, size, size)
     y = torch.randint(0, 10, (cfg.batch_size,))
-    net.train()
-    params = list(net.parameters())
-    opt = torch.optim.Adam(params, lr=0.0)
-
-    def step(i):
-        specs = choose_subnets(net, random.Random(i), cfg)
-        opt.zero_grad(set_to_none=True)
-        sandwich_step(net, net, x, y, specs, cfg)
-        torch.nn.utils.clip_grad_value_(params, 1.0)
-        opt.step()
+    step = supernet_step(net, cfg, x, y)
 
     for i in range(3):
         step(i)

@@ -41,14 +41,15 @@ from deployq.evaluate import evaluate, form_key
 from deployq.models import build_model
 from deployq.spec import ElasticSpace, Form
 from deployq.train import (
+    CLIP_VALUE,
     TrainConfig,
     _Dist,
     _load_data,
     _model_args,
     _Printer,
     choose_subnets,
-    make_optimizer,
     frozen_teacher,
+    make_optimizer,
     sandwich_step,
     train,
     warmup_fp32,
@@ -86,6 +87,26 @@ def fmt_row(label: str, form_label: str, row: dict[int, float], fp32: float | No
     return f"| {label} | {form_label} | " + " | ".join(cells) + " |"
 
 
+def supernet_step(net, cfg: TrainConfig, x, y, teacher=None, quantized: bool = True):
+    """step(i): one training step of the supernet as train() runs it (sandwich, clipping,
+    the foreach Adam), subnets drawn with seed i, learning rates 0 so repeated steps
+    time the same net. quantized=False: three float passes of the BN-folded net."""
+    net.train()
+    params = list(net.parameters())
+    opt = make_optimizer(net, cfg)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+
+    def step(i: int) -> None:
+        specs = choose_subnets(net, random.Random(i), cfg) if quantized else [None] * 3
+        opt.zero_grad(set_to_none=True)
+        sandwich_step(net, net, x, y, specs, cfg, teacher=teacher)
+        torch.nn.utils.clip_grad_value_(params, CLIP_VALUE)
+        opt.step()
+
+    return step
+
+
 def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
                quantized: bool = True) -> tuple[float, float]:
     """Median seconds of one FP32 training step and one supernet step (same batch of
@@ -100,24 +121,13 @@ def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
     fp.load_state_dict(model_fp32.state_dict())
     fp.train()
     opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3, momentum=0.9)
-    net.train()
-    params = list(net.parameters())
-    opt_q = make_optimizer(net, cfg)  # what training runs (foreach Adam), frozen: lr 0
     teacher = frozen_teacher(model_fp32, "cpu") if cfg.distill else None
-    for group in opt_q.param_groups:
-        group["lr"] = 0.0
+    q_step = supernet_step(net, cfg, x, y, teacher, quantized)
 
     def fp_step():
         opt_fp.zero_grad(set_to_none=True)
         F.cross_entropy(fp(x), y).backward()
         opt_fp.step()
-
-    def q_step(i):
-        specs = choose_subnets(net, random.Random(i), cfg) if quantized else [None] * 3
-        opt_q.zero_grad(set_to_none=True)
-        sandwich_step(net, net, x, y, specs, cfg, teacher=teacher)
-        torch.nn.utils.clip_grad_value_(params, 1.0)
-        opt_q.step()
 
     for i in range(3):
         fp_step()
