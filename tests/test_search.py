@@ -334,7 +334,14 @@ def test_ordinal_features_read_bit_widths_and_help_trees(tmp_path):
     for li, wb in zip(LAYOUT.searchable, bits):
         want += ([wb] if li.weighted else []) + [a[li.name]]
     assert ordinal(x, groups)[0, -len(groups) :].tolist() == want
-    assert ordinal(x, groups).shape[1] == x.shape[1] - sum(len(v) for _, v in groups) + len(groups)
+    assert ordinal(x, groups).shape[1] == x.shape[1] - sum(len(g[1]) for g in groups) + len(groups)
+    # noise features: the weight bits' and the activation bits' sum of 4**-bits
+    noisy = ordinal(x, groups, noise=True)[0]
+    assert noisy[: -2].tolist() == ordinal(x, groups)[0].tolist()
+    kinds = [k for _, _, k in groups]
+    for got, kind in zip(noisy[-2:], ("w", "a")):
+        bits_k = [b for b, k in zip(want, kinds) if k == kind]
+        assert got == pytest.approx(sum(4.0**-b for b in bits_k), rel=1e-6)
 
     # Each layer loses accuracy below its own threshold bit-width (what supernets show):
     # one split on the bit-width, several on one-hot columns.
@@ -345,10 +352,17 @@ def test_ordinal_features_read_bit_widths_and_help_trees(tmp_path):
     threshold = np.array([3, 4, 5] * 4)
     logit = 4.0 - (gen <= threshold) @ np.linspace(0.2, 1.0, g) + 0.05 * rng.normal(size=n)
     y = (1 / (1 + np.exp(-logit))).astype(np.float32)
-    grp = tuple((7 * i, tuple(int(c) for c in choices)) for i in range(g))
+    grp = tuple((7 * i, tuple(int(c) for c in choices), "wa"[i % 2]) for i in range(g))
     _, m_oh = fit_and_score(xs, y, PredictorConfig(features="onehot"), groups=grp)
     pred, m_ord = fit_and_score(xs, y, PredictorConfig(features="ordinal"), groups=grp)
     assert m_ord.kendall_tau > m_oh.kendall_tau + 0.1, (m_ord, m_oh)
+    # Accuracy falling with the total quantization noise (a sum over all layers), as
+    # it does when many layers lose a little each: the noise sums rank it better.
+    logit = 3.0 - 60.0 * (4.0 ** -gen.astype(float)).sum(1) + 0.05 * rng.normal(size=n)
+    y2 = (1 / (1 + np.exp(-logit))).astype(np.float32)
+    _, m_plain = fit_and_score(xs, y2, PredictorConfig(noise_features=False), groups=grp)
+    _, m_noise = fit_and_score(xs, y2, PredictorConfig(noise_features=True), groups=grp)
+    assert m_noise.kendall_tau > m_plain.kendall_tau + 0.05, (m_noise, m_plain)
     torch.save(pred.state(), tmp_path / "p.pt")
     back = Predictor.from_state(torch.load(tmp_path / "p.pt", weights_only=True))
     assert back.groups == grp
@@ -397,9 +411,55 @@ def test_measurer_scores_and_shifted_copies():
     assert len(m) == 6 and m.n_images == 2
     sc = m.scores(None)
     assert sc.top1 == pytest.approx(0.5) and sc.soft == pytest.approx(0.5)
+    # per image (its copies averaged): true class 0 gets 0.9, true class 1 gets 0.1
+    np.testing.assert_allclose(sc.per_image, [0.9, 0.1], rtol=1e-6)
     m2 = Measurer(Fixed(), x, torch.tensor([0, 0]))
     assert m2.scores(None).soft == pytest.approx(0.9) and m2(None) == 1.0
     assert m.calls == 1 and m2.calls == 2
+
+
+def test_paired_advantage():
+    from deployq.search.sampling import paired_advantage
+
+    a = np.array([0.9, 0.8, 0.7, 0.6])
+    mean, se = paired_advantage(a, a - [0.01, 0.03, 0.01, 0.03])
+    assert mean == pytest.approx(0.02)
+    assert se == pytest.approx(np.std([0.01, 0.03, 0.01, 0.03], ddof=1) / 2)
+    # a constant advantage is certain however noisy the images are
+    assert paired_advantage(a, a - 0.05) == pytest.approx((0.05, 0.0), abs=1e-12)
+
+
+def test_soft_accuracy_temperatures_and_calibration():
+    """Soft accuracy and NLL on the temperature grid follow softmax(logits / T); the
+    calibrating temperature is the one whose confidence matches the accuracy."""
+    from deployq.search.sampling import TEMPERATURES, Measurer, calibrating_temperature
+
+    class Fixed(nn.Module):
+        # says "class 0 with probability 0.9" on every image
+        def forward(self, inp):
+            return torch.tensor([0.9, 0.1]).log().expand(len(inp), 2)
+
+        def active_spec(self):
+            return None
+
+        def set_active(self, spec):
+            pass
+
+    # class 0 is right on 7 of 10 images: calibrated, 0.9 must become 0.7, i.e.
+    # 9 ** (1 / T) = 7 / 3, T = ln 9 / ln(7 / 3) = 2.593, on the grid at 2 ** (11 / 8)
+    y = torch.tensor([0] * 7 + [1] * 3)
+    x = torch.zeros(10, 1, 4, 4)
+    sc = Measurer(Fixed(), x, y).scores(None)
+    t = np.array(TEMPERATURES)
+    p0 = 1 / (1 + 9.0 ** (-1 / t))
+    np.testing.assert_allclose(sc.soft_t, 0.7 * p0 + 0.3 * (1 - p0), rtol=1e-6)
+    np.testing.assert_allclose(sc.nll_t, -(0.7 * np.log(p0) + 0.3 * np.log(1 - p0)), rtol=1e-6)
+    assert sc.soft == pytest.approx(0.7 * 0.9 + 0.3 * 0.1)  # T = 1
+    k = calibrating_temperature(sc.nll_t[None])
+    assert TEMPERATURES[k] == pytest.approx(2 ** (11 / 8))
+    hot = Measurer(Fixed(), x, y, temperature=TEMPERATURES[k]).scores(None)
+    assert hot.soft == pytest.approx(sc.soft_t[k])
+    assert hot.soft == pytest.approx(0.7 * 0.7 + 0.3 * 0.3, abs=2e-3)
 
 
 # --------------------------------------------------------------------------- sampling

@@ -161,9 +161,22 @@ def test_cache_reused_and_invalidated(ckpt, tmp_path):
     # near-uniform subnets (uniform ones over budget lowered into it) not measured yet
     from deployq.search.api import NEAR_UNIFORM
 
-    assert 5 * 5 + 4 + 8 <= second.n_measured <= 5 * 5 + 4 + 8 + NEAR_UNIFORM
+    # (+ 1: the best uniform subnet in budget, when the best mixed one is compared with
+    # it and it was not among the 8)
+    assert 5 * 5 + 4 + 8 <= second.n_measured <= 5 * 5 + 4 + 8 + NEAR_UNIFORM + 1
     assert second.final_images == 5 * second.n_holdout
     assert second.base_metrics == first.base_metrics
+    # The soft accuracies are at the calibrating temperature; without calibration they
+    # are at T = 1: the samples are reused (they hold every temperature), the predictor
+    # learned another target and is refitted.
+    from deployq.search.sampling import TEMPERATURES
+
+    assert first.temperature in TEMPERATURES and second.temperature == first.temperature
+    raw = search(
+        SearchConfig(**{**cfg.__dict__, "calibrate": False, "refine_rounds": 0, "out": None}),
+        progress=False,
+    )
+    assert raw.samples_cached and not raw.predictor_cached and raw.temperature == 1.0
     one_copy = search(
         SearchConfig(**{**cfg.__dict__, "copies": 1, "refine_rounds": 0, "out": None}),
         progress=False,
@@ -242,6 +255,37 @@ def test_cli_search_defaults_are_the_library_defaults():
     cfg = SearchConfig(checkpoint=Path("x.pt"), profile="snpe", budget="avg-bits=4")
     pairs = {"samples": "n_samples", "copies": "copies", "generations": "generations",
              "population": "population", "top_k": "top_k", "refine_rounds": "refine_rounds",
-             "target": "target", "seed": "seed", "holdout": "holdout"}
+             "target": "target", "calibrate": "calibrate", "seed": "seed", "holdout": "holdout"}
     for cli_name, field in pairs.items():
         assert params[cli_name].default == getattr(cfg, field), cli_name
+
+
+def test_mixed_subnet_must_beat_uniform_significantly(ckpt, tmp_path, monkeypatch):
+    """The best mixed finalist replaces the best uniform subnet within budget only when
+    its paired advantage exceeds MIXED_OVER_UNIFORM_Z standard errors."""
+    import math
+
+    from deployq.search import api
+
+    cfg = SearchConfig(
+        checkpoint=ckpt, profile="cpu", budget="avg-bits=3.5", n_samples=30, generations=3,
+        population=20, refine_rounds=1, out=None, predictor=PredictorConfig(trees=60),
+    )
+    net = load_checkpoint(ckpt).net
+    layout = NetLayout.of(net, (1, 3, 8, 8))
+
+    def chosen_bits(r) -> set[int]:
+        return {r.spec.layers[li.name].act.bits for li in layout.searchable} | {
+            r.spec.layers[li.name].weight.bits for li in layout.searchable if li.weighted
+        }
+
+    monkeypatch.setattr(api, "MIXED_OVER_UNIFORM_Z", -math.inf)  # any mixed winner stands
+    free = search(cfg, progress=False)
+    monkeypatch.setattr(api, "MIXED_OVER_UNIFORM_Z", math.inf)  # never significant
+    strict = search(cfg, progress=False)
+    assert len(chosen_bits(strict)) == 1 and chosen_bits(strict) <= {2, 3}
+    # at this budget a mixed subnet wins, with an advantage of several standard errors
+    assert len(chosen_bits(free)) > 1 and not free.uniform_kept
+    assert free.advantage > 2 * free.advantage_se > 0
+    assert strict.uniform_kept
+    assert (strict.advantage, strict.advantage_se) == (free.advantage, free.advantage_se)

@@ -66,6 +66,14 @@ def search_cmd(
             "or top1.",
         ),
     ] = "soft",
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate/--no-calibrate",
+            help="Soft accuracy at the temperature that calibrates the sampled subnets "
+            "(lowest held-out NLL), not at T=1.",
+        ),
+    ] = True,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, predictor, evolution).")] = 0,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Ignore and do not write <ckpt>.cqap/.")
@@ -91,6 +99,7 @@ def search_cmd(
             top_k=top_k,
             refine_rounds=refine_rounds,
             target=target,
+            calibrate=calibrate,
             use_cache=not no_cache,
         ),
         progress=not quiet,
@@ -111,7 +120,7 @@ def _print_summary(r) -> None:
     t.add_column("what")
     t.add_column("value", overflow="fold")
     m, b = r.metrics, r.base_metrics
-    what = "soft accuracy" if m.target == "soft" else "top-1"
+    what = f"soft accuracy at T={r.temperature:.2f}" if m.target == "soft" else "top-1"
     t.add_row(
         "predictor",
         f"Kendall tau {m.kendall_tau:.3f} vs measured {what}, {m.kendall_tau_top1:.3f} vs "
@@ -134,6 +143,18 @@ def _print_summary(r) -> None:
         "chosen subnet",
         f"measured top-1 {r.measured_acc:.4f}{final}, predicted {r.predicted_acc:.4f} ({what})",
     )
+    if r.uniform_kept:
+        t.add_row(
+            "uniform kept",
+            f"the best mixed subnet's advantage, {100 * r.advantage:+.2f} points of soft "
+            f"accuracy (standard error {100 * r.advantage_se:.2f}), is not significant",
+        )
+    elif r.advantage == r.advantage:  # not nan: a mixed subnet beat the best uniform one
+        t.add_row(
+            "vs uniform",
+            f"{100 * r.advantage:+.2f} points of soft accuracy over the best uniform subnet "
+            f"in budget (standard error {100 * r.advantage_se:.2f})",
+        )
     t.add_row(
         "cost",
         f"{c(r.cost)} {r.budget.unit} (budget {c(r.budget.value)}, cheapest {c(r.cheapest)})",

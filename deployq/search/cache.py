@@ -4,7 +4,8 @@ Layout: `<checkpoint>.cqap/<form tag>/` holding
   meta.json     what the cache is valid for (checkpoint sha256, form, data source,
                 held-out split and copies, gene choices, net layout) + predictor info
   samples.npz   genes [N, G] int64, encodings [N, D] float32, top-1 accuracies [N]
-                float32 (y), soft accuracies [N] float32 (soft: mean true-class probability)
+                float32 (y), soft accuracies and NLL at every sampling.TEMPERATURES
+                [N, T] float32 (soft_t, nll_t; soft = mean true-class probability)
   predictor.pt  the trained predictor (tensors and numbers: loads with weights_only=True)
 A directory whose meta.json does not match the current key is ignored and rewritten.
 Measuring is what costs; the cache lets a second search with another budget or seed
@@ -26,12 +27,14 @@ import torch
 from deployq.errors import UserError
 from deployq.fileio import atomic_path, write_bytes, write_text
 from deployq.search.predictor import Predictor, PredictorConfig, PredictorMetrics
+from deployq.search.sampling import TEMPERATURES
 from deployq.spec import Form
 
 # 2: soft accuracies, predictor target; 3: samples distinct; 4: the predictor reads
 # ordinal bit features (its state holds the encoder's one-hot groups); 5: samples
-# measured on the held-out images x `copies` shifted copies
-CACHE_VERSION = 5
+# measured on the held-out images x `copies` shifted copies; 6: soft accuracy and NLL
+# on a grid of temperatures (the predictor learns the calibrated one)
+CACHE_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -97,23 +100,24 @@ class SearchCache:
             return False
 
     # --- samples ------------------------------------------------------------
-    def load_samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """(genes, encodings, top-1, soft) or None."""
+    def load_samples(self) -> tuple[np.ndarray, ...] | None:
+        """(genes, encodings, top-1, soft_t, nll_t) or None."""
         if not self._meta:
             return None
         try:
             with np.load(self.dir / "samples.npz") as z:
-                genes, x, y, soft = z["genes"], z["x"], z["y"], z["soft"]
+                genes, x, y = z["genes"], z["x"], z["y"]
+                soft_t, nll_t = z["soft_t"], z["nll_t"]
         except (OSError, KeyError, ValueError):
             return None
         if len(genes) != self._meta.get("n_samples") or not (
-            len(genes) == len(x) == len(y) == len(soft)
-        ):
+            len(genes) == len(x) == len(y) == len(soft_t) == len(nll_t)
+        ) or soft_t.shape[1:] != (len(TEMPERATURES),) or nll_t.shape != soft_t.shape:
             return None
-        return genes, x, y, soft
+        return genes, x, y, soft_t, nll_t
 
     def save_samples(
-        self, genes: np.ndarray, x: np.ndarray, y: np.ndarray, soft: np.ndarray
+        self, genes: np.ndarray, x: np.ndarray, y: np.ndarray, soft_t: np.ndarray, nll_t: np.ndarray
     ) -> None:
         if not self._writable():
             return
@@ -123,7 +127,8 @@ class SearchCache:
             genes=genes.astype(np.int64),
             x=x.astype(np.float32),
             y=y.astype(np.float32),
-            soft=soft.astype(np.float32),
+            soft_t=soft_t.astype(np.float32),
+            nll_t=nll_t.astype(np.float32),
         )
         try:
             write_bytes(self.dir / "samples.npz", buf.getvalue())

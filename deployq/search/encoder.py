@@ -31,16 +31,17 @@ def encoding_size(layout: NetLayout) -> int:
     return n
 
 
-def onehot_groups(layout: NetLayout) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """(start column, bit-widths) of every one-hot bit group in `encode`'s vector, so a
-    predictor can read a layer's bit-width as one ordered number."""
+def onehot_groups(layout: NetLayout) -> tuple[tuple[int, tuple[int, ...], str], ...]:
+    """(start column, bit-widths, "w" or "a") of every one-hot bit group in `encode`'s
+    vector, so a predictor can read a layer's weight or activation bit-width as one
+    ordered number."""
     out = []
     i = FORM_FEATURES
     for li in layout.searchable:
         if li.weighted:
-            out.append((i, tuple(layout.wbits)))
+            out.append((i, tuple(layout.wbits), "w"))
             i += len(layout.wbits) + 2
-        out.append((i, tuple(layout.abits)))
+        out.append((i, tuple(layout.abits), "a"))
         i += len(layout.abits) + 2
     return tuple(out)
 

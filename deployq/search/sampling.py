@@ -14,6 +14,17 @@ the accuracy; an additive model fitted on them alone ranks unseen subnets poorly
 
 `Measurer` keeps the held-out images as one tensor and evaluates a spec in large
 batches without autograd; switching subnets is `net.set_active(spec)`.
+
+Soft accuracy at a temperature: the mean of softmax(logits / T) at the true class.
+A network trained with cross-entropy is over-confident (digits ResNet-20 supernets:
+the held-out NLL of sampled subnets is lowest near T = 1.3), so at T = 1 most images
+sit at probability ~1 and only the few near a decision boundary move the measure:
+measured again on other images, the ranking of the same subnets agrees only at
+Kendall tau 0.70-0.74. At the calibrating temperature (temperature scaling, Guo et
+al. 2017) the soft accuracy is the accuracy a calibrated model expects, more images
+carry signal, and the two measurements agree at 0.77-0.81 (600 subnets, 2 supernets).
+Every measurement therefore also returns soft accuracy and NLL on a grid of
+temperatures (`TEMPERATURES`), from which the search picks the calibrating one.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ import torch
 
 from deployq.augment import shifted_copies
 
+# 0.5 .. 4 in steps of 2**(1/8) (~9 %); index 8 is exactly 1.
+TEMPERATURES = tuple(2.0 ** (k / 8) for k in range(-8, 17))
 SPREAD = 1.0  # mean std-dev (in bits) of per-layer bits around the drawn target
 LOCAL_FRACTION = 0.5  # share of genomes that are a uniform subnet with a few genes changed
 MAX_CHANGES = 6
@@ -99,21 +112,29 @@ class Scores:
     """What one measurement of a subnet gives.
 
     top1: share of images classified right (what gets reported).
-    soft: mean softmax probability of the true class ("expected accuracy"). It moves
-          with every image, not only with the few near the decision boundary, so two
-          measurements of the same subnets on different images rank them far more
-          alike than top-1 does; it is what the predictor learns.
+    soft: mean softmax probability of the true class at the measurer's temperature
+          ("expected accuracy"). It moves with every image, not only with the few near
+          the decision boundary, so two measurements of the same subnets on different
+          images rank them far more alike than top-1 does; it is what the predictor
+          learns.
+    soft_t, nll_t: soft accuracy and mean negative log-likelihood at every one of
+          `TEMPERATURES` (for calibrating the temperature).
+    per_image: the true-class probability (at the measurer's temperature) of every
+          image, averaged over its shifted copies (for paired comparisons).
     """
 
     top1: float
     soft: float
+    soft_t: np.ndarray | None = None
+    nll_t: np.ndarray | None = None
+    per_image: np.ndarray | None = None
 
 
 class Measurer:
     """Top-1 and soft accuracy of a subnet on fixed images; counts how often it ran.
 
     `copies` > 1 adds shifted copies of the images (see `shifted_copies`): a measurement
-    then costs that many times more."""
+    then costs that many times more. `temperature` is the one `Scores.soft` is at."""
 
     def __init__(
         self,
@@ -123,8 +144,10 @@ class Measurer:
         batch_size: int = 512,
         copies: int = 1,
         max_shift: int = 0,
+        temperature: float = 1.0,
     ):
         self.net = net
+        self.temperature = temperature
         x = torch.as_tensor(x, dtype=torch.float32).contiguous()
         y = torch.as_tensor(y, dtype=torch.int64)
         self.n_images = len(y)
@@ -146,7 +169,11 @@ class Measurer:
         previous = self.net.active_spec()
         self.net.eval()
         self.net.set_active(spec)
-        correct, prob = 0, 0.0
+        correct = 0
+        inv_t = 1.0 / torch.tensor((self.temperature, *TEMPERATURES), dtype=torch.float64)
+        prob_t = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
+        nll_t = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
+        p_true = []
         try:
             # no_grad, not inference_mode: the elastic layers memoise quantized tensors
             # by version counter, which inference tensors do not have.
@@ -155,12 +182,37 @@ class Measurer:
                     logits = self.net(self.x[i : i + self.batch_size])
                     y = self.y[i : i + self.batch_size]
                     correct += int((logits.argmax(1) == y).sum())
-                    prob += float(logits.softmax(1).gather(1, y[:, None]).sum())
+                    # [temperatures, batch] log-probability of the true class
+                    z = logits.double()[None] * inv_t[:, None, None]
+                    logp = z.log_softmax(2).gather(2, y[None, :, None].expand(len(inv_t), -1, 1))[..., 0]
+                    p_true.append(logp[0].exp())
+                    prob_t += logp[1:].exp().sum(1)
+                    nll_t -= logp[1:].sum(1)
         finally:
             self.net.set_active(previous)
             self.net.train(was_training)
         n = max(len(self.y), 1)
-        return Scores(correct / n, prob / n)
+        p = torch.cat(p_true).numpy() if p_true else np.zeros(0)
+        per_image = p.reshape(-1, self.n_images).mean(0) if len(p) else p
+        return Scores(
+            correct / n, float(p.sum()) / n, (prob_t / n).numpy(), (nll_t / n).numpy(), per_image
+        )
+
+
+def paired_advantage(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error) of a - b over the same images: how much better subnet a
+    scores than b, and how sure that is (the images' noise is shared, so the paired
+    error is far smaller than either measurement's)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else 0.0, float("inf")
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def calibrating_temperature(nll_t: np.ndarray) -> int:
+    """Index into TEMPERATURES of the temperature with the lowest NLL pooled over the
+    measured subnets (nll_t: [subnets, temperatures])."""
+    return int(np.argmin(np.asarray(nll_t, np.float64).mean(0)))
 
 
 def subsample(n_total: int, n: int, seed: int) -> np.ndarray:
