@@ -87,7 +87,7 @@ def main() -> None:
     )
     ap.add_argument("--profiles", nargs="+", default=["snpe", "cpu"])
     ap.add_argument("--budget", default="avg-bits=3")
-    ap.add_argument("--samples", type=int, default=500)
+    ap.add_argument("--samples", type=int, default=SearchConfig.n_samples)
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=30, help="supernet epochs when training")
     ap.add_argument("--seed", type=int, default=0)

@@ -33,7 +33,7 @@ def search_cmd(
     ] = None,
     samples: Annotated[
         int, typer.Option("--samples", help="Subnets measured to train the predictor.")
-    ] = 500,
+    ] = 700,
     generations: Annotated[
         int, typer.Option("--generations", help="Genetic search generations.")
     ] = 30,
