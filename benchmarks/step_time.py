@@ -5,11 +5,14 @@ step cost does not depend on what was learned): a plain ResNet-20 (BatchNorm, SG
 against its converted supernet in the default training space (`TrainConfig().space`),
 calibrated on random batches, running the GPG sandwich (highest -> random -> lowest).
 Steps are interleaved (FP32, supernet, FP32, ...) so machine load hits both alike;
-medians of `--repeats`, one torch thread, batch 64. Uses `step_times` of
+medians of `--repeats`, one torch thread (`--threads`), batch 64. Uses `step_times` of
 benchmarks/supernet_accuracy.py so both benchmarks time the same thing.
 
-The last column is the floor: the same sandwich with quantization off (three float
-passes of the BN-folded net, same losses and optimizer), interleaved with FP32 steps.
+"floor" is the same sandwich with quantization off (three float passes of the
+BN-folded net, same losses and optimizer), interleaved with FP32 steps. The last
+column is one float pass of the three batches stacked into one: the floor of a
+sandwich that would run its three subnets as one batch (grouped convolutions), which
+this project does not do (yet).
 The column before it runs the supernet with the compiled fake-quant kernel off
 (deployq.kernels; the torch path), also against its own interleaved FP32 steps.
 deployq.alloc.keep_freed_memory() runs first, as in train() (--no-keep-freed-memory: glibc defaults).
@@ -93,8 +96,14 @@ def main() -> None:
         default=True,
         help="also time the supernet with the fake-quant kernel off (the torch path)",
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (training uses torch's default, the core count)",
+    )
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         from deployq.alloc import keep_freed_memory
 
@@ -114,16 +123,19 @@ def main() -> None:
             with kernels.disabled():
                 kf, kq = step_times(model, net, cfg, size, args.repeats)
         ff, fq = step_times(model, net, cfg, size, args.repeats, quantized=False)
-        rows.append((title, tf, tq, kq / kf, fq / ff))
-    print(f"Training step, batch {TrainConfig().batch_size}, 1 thread, median of {args.repeats} interleaved pairs:")
+        sf, sq = step_times(model, net, cfg, size, args.repeats, quantized=False, stacked=True)
+        rows.append((title, tf, tq, kq / kf, fq / ff, sq / sf))
+    print(f"Training step, batch {TrainConfig().batch_size}, {torch.get_num_threads()} thread(s), "
+          f"median of {args.repeats} interleaved pairs:")
     print()
     print(f"fake-quant kernel: {'on' if kernels.get() is not None else 'off (torch path)'}")
     print()
     print("| setting | FP32 ms | supernet ms (GPG sandwich) | ratio | ratio, kernel off | "
-          "floor: sandwich without fake-quant |")
-    print("|---|---|---|---|---|---|")
-    for title, tf, tq, off, floor in rows:
-        print(f"| {title} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {off:.2f}x | {floor:.2f}x |")
+          "floor: sandwich without fake-quant | floor, three batches in one pass |")
+    print("|---|---|---|---|---|---|---|")
+    for title, tf, tq, off, floor, stacked in rows:
+        print(f"| {title} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {off:.2f}x | {floor:.2f}x "
+              f"| {stacked:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -87,10 +87,15 @@ def fmt_row(label: str, form_label: str, row: dict[int, float], fp32: float | No
     return f"| {label} | {form_label} | " + " | ".join(cells) + " |"
 
 
-def supernet_step(net, cfg: TrainConfig, x, y, teacher=None, quantized: bool = True):
+def supernet_step(net, cfg: TrainConfig, x, y, teacher=None, quantized: bool = True,
+                  stacked: bool = False):
     """step(i): one training step of the supernet as train() runs it (sandwich, clipping,
     the foreach Adam), subnets drawn with seed i, learning rates 0 so repeated steps
-    time the same net. quantized=False: three float passes of the BN-folded net."""
+    time the same net. quantized=False: three float passes of the BN-folded net;
+    stacked=True (with quantized=False): ONE float pass of the three batches stacked,
+    the floor of a sandwich that runs its three subnets as one batch."""
+    if stacked:
+        x, y = x.repeat(3, *([1] * (x.dim() - 1))), y.repeat(3)
     net.train()
     params = list(net.parameters())
     opt = make_optimizer(net, cfg)
@@ -98,7 +103,7 @@ def supernet_step(net, cfg: TrainConfig, x, y, teacher=None, quantized: bool = T
         group["lr"] = 0.0
 
     def step(i: int) -> None:
-        specs = choose_subnets(net, random.Random(i), cfg) if quantized else [None] * 3
+        specs = choose_subnets(net, random.Random(i), cfg) if quantized else [None] * (1 if stacked else 3)
         opt.zero_grad(set_to_none=True)
         sandwich_step(net, net, x, y, specs, cfg, teacher=teacher)
         torch.nn.utils.clip_grad_value_(params, CLIP_VALUE)
@@ -108,7 +113,7 @@ def supernet_step(net, cfg: TrainConfig, x, y, teacher=None, quantized: bool = T
 
 
 def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
-               quantized: bool = True) -> tuple[float, float]:
+               quantized: bool = True, stacked: bool = False) -> tuple[float, float]:
     """Median seconds of one FP32 training step and one supernet step (same batch of
     cfg.batch_size), measured interleaved so machine load hits both alike. With
     quantized=False the sandwich runs three float passes of the BN-folded net (same
@@ -122,7 +127,7 @@ def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
     fp.train()
     opt_fp = torch.optim.SGD(fp.parameters(), lr=1e-3, momentum=0.9)
     teacher = frozen_teacher(model_fp32, "cpu") if cfg.distill else None
-    q_step = supernet_step(net, cfg, x, y, teacher, quantized)
+    q_step = supernet_step(net, cfg, x, y, teacher, quantized, stacked)
 
     def fp_step():
         opt_fp.zero_grad(set_to_none=True)
