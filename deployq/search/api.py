@@ -23,10 +23,11 @@ shifts of up to size/8 pixels, so these are in-distribution) and takes the best 
 accuracy there, unless a uniform subnet fits the budget and the best mixed subnet's
 advantage over it, paired image by image, is within `MIXED_OVER_UNIFORM_Z` standard
 errors: then the uniform one (picking the best of many noisy measurements favours
-the luckiest, and a uniform subnet is the simpler deployment). Besides the evolution's best, the candidates include the uniform
-subnets within budget and, for the nearest uniform subnets over budget, the subnet
-the predictor reaches by lowering their genes one step at a time into budget
-(`NEAR_UNIFORM`, `evolution.descend`); those also seed every evolution round.
+the luckiest, and a uniform subnet is the simpler deployment). Besides the
+evolution's best, the candidates include the uniform subnets within budget and, for
+the nearest uniform subnets over budget, the subnet the predictor reaches by lowering
+their genes one step at a time into budget (`NEAR_UNIFORM`, `evolution.descend`);
+those also seed every evolution round.
 Split-half check on 240 sampled digits subnets (pick on half the
 held-out images, score top-1 on the other half): among the good subnets, soft
 accuracy on 5 copies ranks the other half's top-1 at tau 0.46, top-1 on 5 copies at

@@ -188,16 +188,17 @@ def ordinal(x: np.ndarray, groups: Groups, noise: bool = False) -> np.ndarray:
         stop = start + len(vals)
         inside[start:stop] = True
         values.append(x[:, start:stop] @ np.asarray(vals, np.float32))
-        p = x[:, start:stop].astype(np.float64) @ (4.0 ** -np.asarray(vals, np.float64))
-        power[kind] = power.get(kind, 0.0) + p
+        if noise:
+            p = x[:, start:stop].astype(np.float64) @ (4.0 ** -np.asarray(vals, np.float64))
+            power[kind] = power.get(kind, 0.0) + p
     if noise:
         values += [power[k].astype(np.float32) for k in ("w", "a") if k in power]
     return np.column_stack([x[:, ~inside], *values]) if values else x
 
 
 def _groups(groups) -> Groups:
-    # a group without a kind (a predictor state written before kinds) counts as "a"
-    return tuple((int(g[0]), tuple(int(v) for v in g[1]), str(g[2]) if len(g) > 2 else "a") for g in groups)
+    # (lists, as a saved state holds them, become the tuples `ordinal` reads)
+    return tuple((int(s), tuple(int(v) for v in vals), str(kind)) for s, vals, kind in groups)
 
 
 class Predictor:
