@@ -384,6 +384,19 @@ def test_tree_arrays_predict_like_sklearn():
     np.testing.assert_array_equal(back.predict(x), trees.predict(x))
 
 
+class Sure90(nn.Module):
+    """A stand-in net that says "class 0 with probability 0.9" on every image."""
+
+    def forward(self, inp):
+        return torch.tensor([0.9, 0.1]).log().expand(len(inp), 2)
+
+    def active_spec(self):
+        return None
+
+    def set_active(self, spec):
+        pass
+
+
 def test_measurer_scores_and_shifted_copies():
     from deployq.search.sampling import Measurer, shifted_copies
 
@@ -395,25 +408,13 @@ def test_measurer_scores_and_shifted_copies():
     assert torch.equal(xs[2, :, :7, :7], x[0, :, 1:, 1:])
     assert torch.equal(shifted_copies(x, 0, 5), x)  # no augmentation: no copies
 
-    class Fixed(nn.Module):
-        # logits favour class 0 with probability 0.9 on every image
-        def forward(self, inp):
-            p = torch.tensor([0.9, 0.1]).log()
-            return p.expand(len(inp), 2)
-
-        def active_spec(self):
-            return None
-
-        def set_active(self, spec):
-            pass
-
-    m = Measurer(Fixed(), x, torch.tensor([0, 1]), copies=3, max_shift=1)
+    m = Measurer(Sure90(), x, torch.tensor([0, 1]), copies=3, max_shift=1)
     assert len(m) == 6 and m.n_images == 2
     sc = m.scores(None)
     assert sc.top1 == pytest.approx(0.5) and sc.soft == pytest.approx(0.5)
     # per image (its copies averaged): true class 0 gets 0.9, true class 1 gets 0.1
     np.testing.assert_allclose(sc.per_image, [0.9, 0.1], rtol=1e-6)
-    m2 = Measurer(Fixed(), x, torch.tensor([0, 0]))
+    m2 = Measurer(Sure90(), x, torch.tensor([0, 0]))
     assert m2.scores(None).soft == pytest.approx(0.9) and m2(None) == 1.0
     assert m.calls == 1 and m2.calls == 2
 
@@ -434,22 +435,11 @@ def test_soft_accuracy_temperatures_and_calibration():
     calibrating temperature is the one whose confidence matches the accuracy."""
     from deployq.search.sampling import TEMPERATURES, Measurer, calibrating_temperature
 
-    class Fixed(nn.Module):
-        # says "class 0 with probability 0.9" on every image
-        def forward(self, inp):
-            return torch.tensor([0.9, 0.1]).log().expand(len(inp), 2)
-
-        def active_spec(self):
-            return None
-
-        def set_active(self, spec):
-            pass
-
     # class 0 is right on 7 of 10 images: calibrated, 0.9 must become 0.7, i.e.
     # 9 ** (1 / T) = 7 / 3, T = ln 9 / ln(7 / 3) = 2.593, on the grid at 2 ** (11 / 8)
     y = torch.tensor([0] * 7 + [1] * 3)
     x = torch.zeros(10, 1, 4, 4)
-    sc = Measurer(Fixed(), x, y).scores(None)
+    sc = Measurer(Sure90(), x, y).scores(None)
     t = np.array(TEMPERATURES)
     p0 = 1 / (1 + 9.0 ** (-1 / t))
     np.testing.assert_allclose(sc.soft_t, 0.7 * p0 + 0.3 * (1 - p0), rtol=1e-6)
@@ -457,7 +447,7 @@ def test_soft_accuracy_temperatures_and_calibration():
     assert sc.soft == pytest.approx(0.7 * 0.9 + 0.3 * 0.1)  # T = 1
     k = calibrating_temperature(sc.nll_t[None])
     assert TEMPERATURES[k] == pytest.approx(2 ** (11 / 8))
-    hot = Measurer(Fixed(), x, y, temperature=TEMPERATURES[k]).scores(None)
+    hot = Measurer(Sure90(), x, y, temperature=TEMPERATURES[k]).scores(None)
     assert hot.soft == pytest.approx(sc.soft_t[k])
     assert hot.soft == pytest.approx(0.7 * 0.7 + 0.3 * 0.3, abs=2e-3)
 
