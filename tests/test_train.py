@@ -290,3 +290,69 @@ def test_sandwich_step_distills_the_first_subnet_from_the_teacher():
     assert sandwich_step(net, net, x, y, [spec], replace_cfg(cfg, gpg=False), teacher=teacher) == pytest.approx(
         want_ce, rel=1e-5
     )
+
+
+def _reference_adam_step(params, state, lr, rel, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam, parameter by parameter, with ElasticAdam's relative update: the spec the
+    flat-buffer optimizer must follow to the bit."""
+    for p in params:
+        if p.grad is None:
+            continue
+        st = state.setdefault(id(p), {})
+        if not st:
+            st.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+            if rel:
+                st["ref"] = p.detach().abs().clamp(min=1e-8)
+        st["step"] += 1
+        st["m"].lerp_(p.grad, 1 - b1)
+        st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        upd = (st["m"] / (1 - b1 ** st["step"])) / ((st["v"] / (1 - b2 ** st["step"])).sqrt() + eps)
+        if rel:
+            upd = upd * st["ref"]
+        p.data.add_(upd, alpha=-lr)
+
+
+def test_elastic_adam_is_adam_to_the_bit_across_save_and_load():
+    """Parameters trained only some steps (a cell a subnet did not use has no gradient)
+    keep their own step counts; the state round-trips through torch.save / load as a
+    checkpoint's does, and training resumed from it continues bit for bit."""
+    import io
+    import random as pyrandom
+
+    from deployq.train import ElasticAdam
+
+    shapes = [(8, 3, 3, 3), (8,), (1,), (1,), (16,), (3,), (1,)]
+    spec = [(slice(0, 2), 1e-3, False), (slice(2, 5), 1e-2, True), (slice(5, 7), 0.1, False)]
+
+    def params():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+
+    def groups(ps):
+        return [{"params": ps[sl], "lr": lr, "relative": rel} for sl, lr, rel in spec]
+
+    def grads(ps, i, rng):
+        gen = torch.Generator().manual_seed(i)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) if rng.random() < 0.6 else None
+
+    ref, state, rng = params(), {}, pyrandom.Random(1)
+    got, rng2 = params(), pyrandom.Random(1)
+    opt = ElasticAdam(groups(got))
+    for i in range(60):
+        grads(ref, i, rng)
+        for sl, lr, rel in spec:
+            _reference_adam_step(ref[sl], state, lr, rel)
+        if i == 30:  # resume from a saved state, as --resume does
+            buf = io.BytesIO()
+            torch.save(opt.state_dict(), buf)
+            buf.seek(0)
+            opt = ElasticAdam(groups(got))
+            opt.load_state_dict(torch.load(buf, weights_only=True))
+        grads(got, i, rng2)
+        opt.step()
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+    st = opt.state_dict()["state"]
+    assert set(st[2]) == {"step", "exp_avg", "exp_avg_sq", "ref"} and set(st[0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert 0 < st[2]["step"] < 60  # trained on some steps only
