@@ -351,18 +351,24 @@ class ElasticAdam(torch.optim.Optimizer):
                 st["step"] += 1
                 steps.append(st["step"])
             sizes = [p.numel() for p in ps]
-            idx = torch.cat([fs.index[id(p)] for p in ps])
             g = torch.cat([p.grad.reshape(-1) for p in ps])
-            m = fs.exp_avg[idx].lerp_(g, 1 - b1)
-            v = fs.exp_avg_sq[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
-            fs.exp_avg[idx] = m
-            fs.exp_avg_sq[idx] = v
+            if len(ps) == len(group["params"]):
+                # every parameter has a gradient (the weights, every step): in place
+                idx = None
+                m = fs.exp_avg.lerp_(g, 1 - b1)
+                v = fs.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+            else:
+                idx = torch.cat([fs.index[id(p)] for p in ps])
+                m = fs.exp_avg[idx].lerp_(g, 1 - b1)
+                v = fs.exp_avg_sq[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
+                fs.exp_avg[idx] = m
+                fs.exp_avg_sq[idx] = v
             counts = torch.tensor(sizes)
             bc1 = torch.repeat_interleave(torch.tensor([1 - b1**k for k in steps]), counts)
             bc2 = torch.repeat_interleave(torch.tensor([1 - b2**k for k in steps]), counts)
             upd = (m / bc1).div_((v / bc2).sqrt_().add_(eps))
             if rel:
-                upd.mul_(fs.ref[idx])
+                upd.mul_(fs.ref if idx is None else fs.ref[idx])
             torch._foreach_add_(ps, [u.view_as(p) for u, p in zip(upd.split(sizes), ps)], alpha=-lr)
 
 
