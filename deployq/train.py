@@ -363,9 +363,10 @@ class ElasticAdam(torch.optim.Optimizer):
                 v = fs.exp_avg_sq[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
                 fs.exp_avg[idx] = m
                 fs.exp_avg_sq[idx] = v
-            counts = torch.tensor(sizes)
-            bc1 = torch.repeat_interleave(torch.tensor([1 - b1**k for k in steps]), counts)
-            bc2 = torch.repeat_interleave(torch.tensor([1 - b2**k for k in steps]), counts)
+            counts = torch.tensor(sizes, device=g.device)
+            like = {"dtype": g.dtype, "device": g.device}
+            bc1 = torch.repeat_interleave(torch.tensor([1 - b1**k for k in steps], **like), counts)
+            bc2 = torch.repeat_interleave(torch.tensor([1 - b2**k for k in steps], **like), counts)
             upd = (m / bc1).div_((v / bc2).sqrt_().add_(eps))
             if rel:
                 upd.mul_(fs.ref if idx is None else fs.ref[idx])
@@ -375,20 +376,24 @@ class ElasticAdam(torch.optim.Optimizer):
 class _FlatState:
     """One parameter group's Adam moments (and relative references) as flat buffers,
     each parameter's state holding views of its slice. Built from whatever state the
-    parameters already have (a resumed optimizer)."""
+    parameters already have (a resumed optimizer). The group's parameters share one
+    dtype and device (the buffers take them from the first)."""
 
     def __init__(self, params, state, relative: bool):
         sizes = [p.numel() for p in params]
         total = sum(sizes)
+        like = {"dtype": params[0].dtype, "device": params[0].device} if params else {}
+        if any(p.dtype != like["dtype"] or p.device != like["device"] for p in params):
+            raise ValueError("ElasticAdam: a parameter group mixes dtypes or devices")
         self.relative = relative
-        self.exp_avg = torch.zeros(total)
-        self.exp_avg_sq = torch.zeros(total)
-        self.ref = torch.ones(total) if relative else None
+        self.exp_avg = torch.zeros(total, **like)
+        self.exp_avg_sq = torch.zeros(total, **like)
+        self.ref = torch.ones(total, **like) if relative else None
         self.index: dict[int, torch.Tensor] = {}
         self.views: dict[int, tuple] = {}
         off = 0
         for p, n in zip(params, sizes):
-            self.index[id(p)] = torch.arange(off, off + n)
+            self.index[id(p)] = torch.arange(off, off + n, device=p.device)
             views = [self.exp_avg[off : off + n].view_as(p), self.exp_avg_sq[off : off + n].view_as(p)]
             if relative:
                 views.append(self.ref[off : off + n].view_as(p))

@@ -312,7 +312,8 @@ def _reference_adam_step(params, state, lr, rel, b1=0.9, b2=0.999, eps=1e-8):
         p.data.add_(upd, alpha=-lr)
 
 
-def test_elastic_adam_is_adam_to_the_bit_across_save_and_load():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elastic_adam_is_adam_to_the_bit_across_save_and_load(dtype):
     """Parameters trained only some steps (a cell a subnet did not use has no gradient)
     keep their own step counts; the state round-trips through torch.save / load as a
     checkpoint's does, and training resumed from it continues bit for bit."""
@@ -326,7 +327,7 @@ def test_elastic_adam_is_adam_to_the_bit_across_save_and_load():
 
     def params():
         torch.manual_seed(0)
-        return [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+        return [torch.nn.Parameter(torch.randn(*s, dtype=dtype)) for s in shapes]
 
     def groups(ps):
         return [{"params": ps[sl], "lr": lr, "relative": rel} for sl, lr, rel in spec]
@@ -334,7 +335,7 @@ def test_elastic_adam_is_adam_to_the_bit_across_save_and_load():
     def grads(ps, i, rng):
         gen = torch.Generator().manual_seed(i)
         for p in ps:
-            p.grad = torch.randn(p.shape, generator=gen) if rng.random() < 0.6 else None
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) if rng.random() < 0.6 else None
 
     ref, state, rng = params(), {}, pyrandom.Random(1)
     got, rng2 = params(), pyrandom.Random(1)
