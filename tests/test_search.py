@@ -439,7 +439,8 @@ def test_soft_accuracy_temperatures_and_calibration():
     # 9 ** (1 / T) = 7 / 3, T = ln 9 / ln(7 / 3) = 2.593, on the grid at 2 ** (11 / 8)
     y = torch.tensor([0] * 7 + [1] * 3)
     x = torch.zeros(10, 1, 4, 4)
-    sc = Measurer(Sure90(), x, y).scores(None)
+    assert Measurer(Sure90(), x, y).scores(None).soft_t is None  # the grid only on request
+    sc = Measurer(Sure90(), x, y).scores(None, grid=True)
     t = np.array(TEMPERATURES)
     p0 = 1 / (1 + 9.0 ** (-1 / t))
     np.testing.assert_allclose(sc.soft_t, 0.7 * p0 + 0.3 * (1 - p0), rtol=1e-6)

@@ -376,7 +376,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
             new_soft = np.zeros((n_new, n_t), np.float32)
             new_nll = np.zeros((n_new, n_t), np.float32)
             for i, g in enumerate(new):
-                sc = measure.scores(to_spec(g))
+                sc = measure.scores(to_spec(g), grid=True)
                 new_acc[i], new_soft[i], new_nll[i] = sc.top1, sc.soft_t, sc.nll_t
                 update(i + 1, f"acc {sc.top1:.3f}")
             genes, accs = np.concatenate([genes, new]), np.concatenate([accs, new_acc])

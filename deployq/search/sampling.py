@@ -163,14 +163,17 @@ class Measurer:
         """Top-1 accuracy."""
         return self.scores(spec).top1
 
-    def scores(self, spec) -> Scores:
+    def scores(self, spec, grid: bool = False) -> Scores:
+        """grid: also soft accuracy and NLL at every one of TEMPERATURES (soft_t, nll_t;
+        None otherwise), for the samples the temperature is calibrated on."""
         self.calls += 1
         was_training = self.net.training
         previous = self.net.active_spec()
         self.net.eval()
         self.net.set_active(spec)
         correct = 0
-        inv_t = 1.0 / torch.tensor((self.temperature, *TEMPERATURES), dtype=torch.float64)
+        temps = (self.temperature, *TEMPERATURES) if grid else (self.temperature,)
+        inv_t = 1.0 / torch.tensor(temps, dtype=torch.float64)
         prob_t = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
         nll_t = torch.zeros(len(TEMPERATURES), dtype=torch.float64)
         p_true = []
@@ -186,8 +189,9 @@ class Measurer:
                     z = logits.double()[None] * inv_t[:, None, None]
                     logp = z.log_softmax(2).gather(2, y[None, :, None].expand(len(inv_t), -1, 1))[..., 0]
                     p_true.append(logp[0].exp())
-                    prob_t += logp[1:].exp().sum(1)
-                    nll_t -= logp[1:].sum(1)
+                    if grid:
+                        prob_t += logp[1:].exp().sum(1)
+                        nll_t -= logp[1:].sum(1)
         finally:
             self.net.set_active(previous)
             self.net.train(was_training)
@@ -195,7 +199,11 @@ class Measurer:
         p = torch.cat(p_true).numpy() if p_true else np.zeros(0)
         per_image = p.reshape(-1, self.n_images).mean(0) if len(p) else p
         return Scores(
-            correct / n, float(p.sum()) / n, (prob_t / n).numpy(), (nll_t / n).numpy(), per_image
+            correct / n,
+            float(p.sum()) / n,
+            (prob_t / n).numpy() if grid else None,
+            (nll_t / n).numpy() if grid else None,
+            per_image,
         )
 
 
