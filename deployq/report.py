@@ -28,6 +28,7 @@ from pathlib import Path
 
 from deployq.errors import UserError
 from deployq.fileio import check_writable, read_user_text, write_text
+from deployq.spec import counted_layers
 
 ELASTIC_SCHEMA = "deployq.ElasticTable"
 ELASTIC_VERSION = 1
@@ -189,15 +190,15 @@ def bits_label(spec, fixed: Iterable[str] = ()) -> str:
     fixed = set(fixed)
     w = spec.weight_bits()
     a = spec.act_bits()
+    chosen = counted_layers(w, fixed)
     if fixed:
-        body_w = sorted({b for n, b in w.items() if n not in fixed}) or [8]
-        body_a = sorted({a[n] for n in w if n not in fixed}) or [8]
+        body_w = sorted({w[n] for n in chosen})
+        body_a = sorted({a[n] for n in chosen})
     else:
         body_w = sorted(set(w.values()) - {8}) or [8]
         body_a = sorted(set(a.values()) - {8}) or [8]
     if len(body_w) == 1 and len(body_a) == 1:
         return f"w{body_w[0]}a{body_a[0]}"
-    chosen = [n for n in w if n not in fixed] or list(w)
     avg_w = sum(w[n] for n in chosen) / len(chosen)
     avg_a = sum(a[n] for n in chosen) / len(chosen)
     return f"mixed (avg w{avg_w:.1f} a{avg_a:.1f})"

@@ -34,6 +34,16 @@ def check_bits(bits: int, what: str = "bits") -> int:
     return bits
 
 
+def counted_layers(weighted: Iterable[str], fixed: Iterable[str]) -> list[str]:
+    """The layers a subnet's average bit-width counts: the weighted layers that are not
+    fixed (the ones a search chooses; uniform 3-bit between 8-bit ends is W3A3), or all
+    weighted layers when every one is fixed. One rule for the search's budgets
+    (deployq.search.cost) and the labels reports print (deployq.report.bits_label)."""
+    weighted = list(weighted)
+    fixed = set(fixed)
+    return [n for n in weighted if n not in fixed] or weighted
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int

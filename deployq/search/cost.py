@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from deployq.errors import UserError
 from deployq.search.layout import NetLayout
-from deployq.spec import SubnetSpec
+from deployq.spec import SubnetSpec, counted_layers
 
 Bits = Mapping[str, int]
 
@@ -37,7 +37,7 @@ Bits = Mapping[str, int]
 def _chosen(layout: NetLayout) -> list[str]:
     """Names of the weighted layers the averages count (see the module docstring)."""
     weighted = [li for li in layout.layers if li.weighted]
-    return [li.name for li in weighted if not li.fixed] or [li.name for li in weighted]
+    return counted_layers((li.name for li in weighted), (li.name for li in weighted if li.fixed))
 
 
 def _avg_bits(layout: NetLayout, w: Bits, a: Bits) -> float:
