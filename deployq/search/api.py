@@ -426,7 +426,10 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         measured: dict[tuple[int, ...], tuple[np.ndarray, float, float, float, float]] = {}
         extra_x: list[np.ndarray] = []
         extra_y: list[float] = []
-        test_keys = {tuple(int(v) for v in genes[i]) for i in te}
+        def gkey(g) -> tuple[int, ...]:
+            return tuple(int(v) for v in g)
+
+        test_keys = {gkey(genes[i]) for i in te}
 
         def fitness(pop: np.ndarray) -> np.ndarray:
             t = time.perf_counter()
@@ -445,7 +448,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
 
         def measure_candidate(g, c, p) -> Scores:
             sc = measure.scores(to_spec(g))
-            measured[tuple(int(v) for v in g)] = (g, c, p, sc.top1, sc.soft)
+            measured[gkey(g)] = (g, c, p, sc.top1, sc.soft)
             return sc
 
         result = None
@@ -459,6 +462,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
             )
             label = "evolution" if rnd == config.refine_rounds else f"evolution (round {rnd + 1})"
             update = bars.task(label, config.generations)
+            seeds = near_uniform()  # with this round's predictor
             result = evolve(
                 gspace.choices,
                 fitness,
@@ -469,17 +473,16 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
                 on_generation=lambda g, best, update=update: update(
                     g, f"best predicted {best:.4f}"
                 ),
-                seeds=near_uniform(),
+                seeds=seeds,
             )
             # The predictor is most wrong exactly where the search drives it: measure
             # the top candidates for real, and (but after the last round) learn from them.
-            top = [t for t in result.top(config.top_k * 4) if tuple(t[0]) not in measured]
+            top = [t for t in result.top(config.top_k * 4) if gkey(t[0]) not in measured]
             top = top[: config.top_k]
             update = bars.task("measuring top candidates", len(top))
             for i, (g, c, p) in enumerate(top):
                 sc = measure_candidate(g, c, p)
-                key = tuple(int(v) for v in g)
-                if key not in test_keys:  # the reported tau stays on unseen configurations
+                if gkey(g) not in test_keys:  # the reported tau stays on unseen configurations
                     extra_x.append(encode_many([to_spec(g)], layout)[0])
                     extra_y.append(sc.soft if config.target == "soft" else sc.top1)
                 update(i + 1, f"predicted {p:.3f} measured top-1 {sc.top1:.3f} soft {sc.soft:.3f}")
@@ -491,8 +494,9 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
                     on_epoch=lambda e, t, update=update: update(e / t),
                 )
                 metrics = score(predictor)
-        for g in near_uniform():
-            if tuple(int(v) for v in g) not in measured:
+        # the last round's seeds: no refit followed them, the predictor is the same
+        for g in seeds:
+            if gkey(g) not in measured:
                 p = float(predictor.predict(encode_many([to_spec(g)], layout))[0])
                 measure_candidate(g, cost_of(g), p)
         timings["evolution_s"] = time.perf_counter() - t0
@@ -513,7 +517,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
             uniform.append(u)
             if budget.met(u.cost):
                 measured.setdefault(
-                    tuple(int(v) for v in g), (g, u.cost, u.predicted, sc.top1, sc.soft)
+                    gkey(g), (g, u.cost, u.predicted, sc.top1, sc.soft)
                 )
         remeasured = list(measured.values())
         # The final few by measured soft accuracy (ties: top-1, then cheaper), measured
@@ -544,7 +548,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         advantage = advantage_se = float("nan")
         uniform_kept = False
         in_budget = [
-            measured[k] for k in (tuple(int(v) for v in gspace.uniform(u.bits, u.bits)) for u in uniform)
+            measured[k] for k in (gkey(gspace.uniform(u.bits, u.bits)) for u in uniform)
             if k in measured and budget.met(measured[k][1])
         ]
         if in_budget and not any(np.array_equal(finalists[best_i][0], u[0]) for u in in_budget):
