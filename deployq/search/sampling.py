@@ -23,8 +23,9 @@ measured again on other images, the ranking of the same subnets agrees only at
 Kendall tau 0.70-0.74. At the calibrating temperature (temperature scaling, Guo et
 al. 2017) the soft accuracy is the accuracy a calibrated model expects, more images
 carry signal, and the two measurements agree at 0.77-0.81 (600 subnets, 2 supernets).
-Every measurement therefore also returns soft accuracy and NLL on a grid of
-temperatures (`TEMPERATURES`), from which the search picks the calibrating one.
+A measurement asked for it (`scores(spec, grid=True)`, the sampled subnets) also
+returns soft accuracy and NLL on a grid of temperatures (`TEMPERATURES`), from which
+the search picks the calibrating one.
 """
 
 from __future__ import annotations
