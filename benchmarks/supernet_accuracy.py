@@ -90,7 +90,7 @@ def fmt_row(label: str, form_label: str, row: dict[int, float], fp32: float | No
 def supernet_step(net, cfg: TrainConfig, x, y, teacher=None, quantized: bool = True,
                   stacked: bool = False):
     """step(i): one training step of the supernet as train() runs it (sandwich, clipping,
-    the foreach Adam), subnets drawn with seed i, learning rates 0 so repeated steps
+    ElasticAdam), subnets drawn with seed i, learning rates 0 so repeated steps
     time the same net. quantized=False: three float passes of the BN-folded net;
     stacked=True (with quantized=False): ONE float pass of the three batches stacked,
     the floor of a sandwich that runs its three subnets as one batch."""
