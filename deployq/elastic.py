@@ -262,11 +262,18 @@ def _with_fixed(bits: tuple[int, ...], space: ElasticSpace) -> tuple[int, ...]:
 
 
 def _subsample(x: torch.Tensor, n: int = 1 << 14) -> torch.Tensor:
+    """At most n elements of x for the calibration search: random positions plus the
+    tensor's min and max (the search shrinks the range from those). Not a stride: a
+    stride that divides a row samples one image column (on 16x16 inputs, every 16th
+    element is column 0, a digit's blank border), and the search then fits the border:
+    MobileNetV2's 8-bit ReLU6 inputs came out clipped at a third of their range."""
     flat = x.detach().reshape(-1)
     if flat.numel() <= n:
         return flat.clone()
-    step = flat.numel() // n
-    return flat[::step][:n].clone()
+    # seeded by size, so every rank of a distributed run draws the same positions
+    gen = torch.Generator().manual_seed(flat.numel())
+    idx = torch.randint(flat.numel(), (n - 2,), generator=gen, device="cpu").to(flat.device)
+    return torch.cat([flat[idx], flat.min().reshape(1), flat.max().reshape(1)])
 
 
 # Set by ElasticNet.forward: quantizer outputs of the running forward (see quantize_with_scale).

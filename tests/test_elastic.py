@@ -267,3 +267,25 @@ def test_layers_reading_the_same_tensor_share_one_quantizer():
     # Tied cells load back from a checkpoint state_dict as one parameter.
     clone = convert(build_model("resnet20", num_classes=10, input_size=8, width=4))
     clone.load_state_dict(net.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_calibration_sees_every_image_column(per_channel):
+    # A digit has a blank border. A strided subsample of a 16-pixel-wide NCHW tensor
+    # (every 16th element) saw only column 0, so the clipping search fitted the border
+    # and the 8-bit grids clipped what the images hold. Calibrated at 8 bits, the
+    # subnet must reproduce the float net closely.
+    torch.manual_seed(0)
+    model = _randomize_bn(Tiny())
+    # 1024 x 3 x 16 x 16: the old stride (48) landed on column 0 of every row
+    x = torch.rand(1024, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 4
+    x[..., 0] = 0.0
+    net = convert(model, ElasticSpace())
+    net.calibrate([x])
+    net.set_active(None)
+    with torch.no_grad():
+        ref = net(x)
+        net.set_active(net.uniform_spec(Form(weight_per_channel=per_channel), 8))
+        got = net(x)
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 0.02, rel
