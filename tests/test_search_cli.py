@@ -103,6 +103,8 @@ def test_cli_search_writes_spec_csv_png(ckpt, tmp_path, capsys):
     # tau is reported against what the predictor learned and against top-1
     flat = " ".join(printed.replace("│", " ").split())  # the table wraps long cells
     assert "vs measured soft accuracy" in flat and "vs measured top-1" in flat, flat
+    # 287 held-out images (0.2 of digits' train split): the summary says they are few
+    assert "287 held-out images: one image is 0.35 points" in flat, flat
     spec = SubnetSpec.from_json(out.read_text())
     net = load_checkpoint(ckpt).net
     net.check_spec(spec)
@@ -235,6 +237,12 @@ def test_bad_input(ckpt, tmp_path, capsys):
         capsys, ["search", str(bare), "--profile", "snpe", "--budget", "avg-bits=4", *QUICK]
     )
     assert "records no preprocessing" in err
+    # another split of the data the supernet trained on holds trained images
+    held10 = tmp_path / "held10.pt"
+    save_checkpoint(held10, ck.net, ck.meta.with_(train_config={"data": "digits", "holdout": 0.1, "seed": 0}))
+    err = _fail(capsys, ["search", str(held10), "--profile", "snpe", "--budget", "avg-bits=4",
+                         "--holdout", "0.3", *QUICK])
+    assert "trained on all but a 0.1 held-out split" in err and "--holdout 0.3" in err
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     assert "junk.pt" in _fail(
@@ -289,3 +297,19 @@ def test_mixed_subnet_must_beat_uniform_significantly(ckpt, tmp_path, monkeypatc
     assert free.advantage > 2 * free.advantage_se > 0
     assert strict.uniform_kept
     assert (strict.advantage, strict.advantage_se) == (free.advantage, free.advantage_se)
+
+
+def test_holdout_split_of_other_data_is_free(tmp_path):
+    from dataclasses import replace
+
+    from deployq.errors import UserError
+    from deployq.search.api import _holdout_params
+
+    trained = {"data": "digits", "holdout": 0.1, "seed": 0}
+    cfg = SearchConfig(checkpoint=tmp_path / "x.pt", profile="snpe", budget="avg-bits=4", holdout=0.3)
+    assert _holdout_params(cfg, trained, same_data=False) == (0.3, 0)
+    with pytest.raises(UserError, match="would use images it trained on"):
+        _holdout_params(cfg, trained, same_data=True)
+    # training's own split, spelled out or not, is what the search measures on
+    assert _holdout_params(replace(cfg, holdout=0.1), trained, same_data=True) == (0.1, 0)
+    assert _holdout_params(replace(cfg, holdout=None), trained, same_data=True) == (0.1, 0)

@@ -242,7 +242,7 @@ def _choices(profile, space) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return w, a
 
 
-def _holdout_params(config: SearchConfig, train_config: dict) -> tuple[float, int]:
+def _holdout_params(config: SearchConfig, train_config: dict, same_data: bool) -> tuple[float, int]:
     # Reuse the split training held out, so the measured images were not trained on.
     frac = (
         config.holdout
@@ -263,7 +263,26 @@ def _holdout_params(config: SearchConfig, train_config: dict) -> tuple[float, in
         ) from None
     if not 0 < frac < 1:
         raise UserError(f"held-out fraction must be in (0, 1); got {frac}")
+    trained = train_config.get("holdout")
+    if same_data and trained is not None:
+        # Another split of the same data holds images the supernet trained on: measured
+        # there, every subnet looks near-perfect and the predictor learns noise.
+        t_seed = train_config.get("holdout_seed", train_config.get("seed", 0))
+        if (float(trained), int(t_seed)) != (frac, seed):
+            raise UserError(
+                f"the checkpoint was trained on all but a {float(trained):g} held-out split "
+                f"(seed {t_seed}) of its data; measuring on a {frac:g} split (seed {seed}) would "
+                f"use images it trained on: drop --holdout, or train with --holdout {frac:g}"
+            )
     return frac, seed
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two --data values name the same data (a path spelled two ways too)."""
+    if str(a) == str(b):
+        return True
+    pa, pb = Path(str(a)), Path(str(b))
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def search(config: SearchConfig, progress: bool = True) -> SearchResult:
@@ -314,8 +333,9 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
     profile.check(to_spec(gspace.uniform(min(wchoices), min(achoices))))  # fixed layers too
 
     # --- held-out split of the training data ------------------------------------
-    source = config.data or meta.train_config.get("data") or "digits"
-    frac, hseed = _holdout_params(config, meta.train_config)
+    trained_on = meta.train_config.get("data") or "digits"
+    source = config.data or trained_on
+    frac, hseed = _holdout_params(config, meta.train_config, _same_source(source, trained_on))
     _, held = holdout(load_data(str(source), prep, split="train"), frac, hseed)
     idx = subsample(len(held), config.n_measure, hseed)
     # Training's augmentation (random shifts of up to size/8 pixels) is what makes
