@@ -68,6 +68,11 @@ class TrainConfig:
     lr_weights: float = 1e-3
     lr_quant: float = 1e-2  # relative Adam step of the step sizes (fraction of their value)
     lr_zero_point: float = 1e-2  # Adam step of the zero-points, in integer levels
+    # Epochs over which the supernet phase's learning rates ramp up linearly from zero
+    # before the cosine decay (0 = none). MobileNetV2 on digits (16x16, held-out top-1 of
+    # w8a8 after supernet epochs 1 / 2 / 3 of 3, FP32 97%): 34 / 62 / 73% at full lr from the
+    # start, 70 / 88 / 94% with a one-epoch ramp. ResNet-20's README figures use no ramp.
+    lr_ramp_epochs: float = 0.0
     warmup_epochs: int = 20  # FP32 epochs when no pretrained state_dict is given
     warmup_lr: float = 0.05  # SGD (momentum 0.9, nesterov), cosine to 0
     input_size: int | None = None  # None: the data's default (digits: 16)
@@ -112,7 +117,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be >= 1; got {self.batch_size}")
-        for name in ("lr_weights", "lr_quant", "lr_zero_point", "warmup_lr", "grad_l1_w", "grad_l1_a"):
+        for name in ("lr_weights", "lr_quant", "lr_zero_point", "warmup_lr", "grad_l1_w", "grad_l1_a",
+                     "lr_ramp_epochs"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 < self.holdout < 1.0:
@@ -438,6 +444,20 @@ def make_optimizer(net, cfg: TrainConfig) -> ElasticAdam:
             {"params": zps, "lr": cfg.lr_zero_point},
         ]
     )
+
+
+def supernet_schedule(opt, total_steps: int, ramp_steps: int = 0):
+    """Cosine decay to zero over total_steps; with ramp_steps > 0, multiplied by a linear
+    ramp from 1/ramp_steps up to 1 over the first ramp_steps steps."""
+    total = max(total_steps, 1)
+    if ramp_steps <= 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+
+    def factor(step: int) -> float:
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return min(1.0, (step + 1) / ramp_steps) * cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # --------------------------------------------------------------------------- sandwich
@@ -786,7 +806,7 @@ def train(config: TrainConfig, progress: bool = True):
 
     opt = make_optimizer(net, cfg)
     steps_per_epoch = len(_epoch_batches(len(data.fit), cfg.batch_size, 0, cfg.seed, d))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.epochs * steps_per_epoch, 1))
+    sched = supernet_schedule(opt, cfg.epochs * steps_per_epoch, round(cfg.lr_ramp_epochs * steps_per_epoch))
     if "optimizer" in extra:
         opt.load_state_dict(extra["optimizer"])
         sched.load_state_dict(extra["scheduler"])

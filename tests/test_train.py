@@ -1,3 +1,4 @@
+import itertools
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from PIL import Image
 
 from deployq import cli
 from deployq.checkpoint import load_checkpoint, read_payload
+from deployq.errors import UserError
 from deployq.models import build_model
 from deployq.train import TrainConfig, train
 
@@ -247,7 +249,7 @@ def test_cli_train_defaults_are_the_library_defaults():
     params = inspect.signature(fn).parameters
     cfg = TrainConfig()
     pairs = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr_weights", "lr_quant": "lr_quant",
-             "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr"}
+             "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr", "lr_ramp_epochs": "lr_ramp_epochs"}
     for cli_name, field in pairs.items():
         assert params[cli_name].default == getattr(cfg, field), cli_name
     for flag, field in {"no_wdr": "wdr", "no_gpg": "gpg"}.items():
@@ -357,3 +359,30 @@ def test_elastic_adam_is_adam_to_the_bit_across_save_and_load(dtype):
     st = opt.state_dict()["state"]
     assert set(st[2]) == {"step", "exp_avg", "exp_avg_sq", "ref"} and set(st[0]) == {"step", "exp_avg", "exp_avg_sq"}
     assert 0 < st[2]["step"] < 60  # trained on some steps only
+
+
+def test_supernet_schedule_ramps_then_decays():
+    from deployq.train import supernet_schedule
+
+    def lrs(total, ramp):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = supernet_schedule(opt, total, ramp)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    plain = lrs(100, 0)
+    assert plain[0] == 1.0 and plain[50] == pytest.approx(0.5) and plain[-1] < 1e-3
+    ramped = lrs(100, 10)
+    assert ramped[0] == pytest.approx(0.1) and ramped[4] == pytest.approx(0.5 * plain[4])
+    assert all(a < b for a, b in itertools.pairwise(ramped[:10]))  # rising through the ramp
+    # after the ramp: the same cosine
+    assert ramped[10:] == pytest.approx(plain[10:], rel=1e-6)
+
+
+def test_negative_lr_ramp_is_refused():
+    with pytest.raises(UserError, match="lr_ramp_epochs"):
+        TrainConfig(lr_ramp_epochs=-1)

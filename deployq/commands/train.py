@@ -107,6 +107,13 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(help="A plain FP32 state_dict of the model: skips the warm-up."),
         ] = None,
+        lr_ramp_epochs: Annotated[
+            float,
+            typer.Option(
+                help="Ramp the supernet learning rates up linearly over this many epochs "
+                "(0 = none; helps MobileNetV2)."
+            ),
+        ] = 0.0,
         warmup_epochs: Annotated[
             int, typer.Option(help="FP32 warm-up epochs (without --pretrained).")
         ] = 20,
@@ -152,6 +159,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             lr_weights=lr,
             lr_quant=lr_quant,
+            lr_ramp_epochs=lr_ramp_epochs,
             warmup_epochs=warmup_epochs,
             warmup_lr=warmup_lr,
             input_size=input_size,
