@@ -161,6 +161,7 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -
         warmup_lr=args.warmup_lr,
         lr_weights=args.lr or lr,
         lr_quant=args.lr_quant,
+        lr_ramp_epochs=args.lr_ramp_epochs,
         final_eval=False,
         threads=1,
         seed=args.seed,
@@ -255,6 +256,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None,
                     help="weight lr for both settings (default: 16x16 the library's, 8x8 4e-3)")
     ap.add_argument("--lr-quant", type=float, default=TrainConfig.lr_quant)
+    ap.add_argument("--lr-ramp-epochs", type=float, default=TrainConfig.lr_ramp_epochs)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibration", default=TrainConfig.calibration, help="search | minmax | hybrid")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
