@@ -29,8 +29,8 @@ the nearest uniform subnets over budget, the subnet the predictor reaches by low
 their genes one step at a time into budget (`NEAR_UNIFORM`, `evolution.descend`);
 those also seed every evolution round.
 Soft rather than top-1 for the choice too: 100 subnets measured on the held-out images
-and again on val rank alike at tau 0.72-0.83 by calibrated soft accuracy, 0.49-0.66 by
-top-1 (benchmarks/search_quality.py, two digits supernets). Among the near-best subnets
+and again on val rank alike at tau 0.72-0.85 by calibrated soft accuracy, 0.48-0.74 by
+top-1 (benchmarks/search_quality.py, four digits supernets in two sessions). Among the near-best subnets
 neither measure predicts the other images' top-1 (split-half check on 600-1100 subnets,
 best quarter: tau ~0 for both); there the uniform rule above decides. Nothing here reads
 the val split.
@@ -525,6 +525,7 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         # --- uniform references; the choice is the best MEASURED subnet in budget -----
         t0 = time.perf_counter()
         uniform = []
+        in_budget = []  # the measured rows of the uniform subnets within budget
         for b in common_bits:
             g = gspace.uniform(b, b)
             sc = measure.scores(to_spec(g))
@@ -536,8 +537,8 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
             )
             uniform.append(u)
             if budget.met(u.cost):
-                measured.setdefault(
-                    gkey(g), (g, u.cost, u.predicted, sc.top1, sc.soft)
+                in_budget.append(
+                    measured.setdefault(gkey(g), (g, u.cost, u.predicted, sc.top1, sc.soft))
                 )
         remeasured = list(measured.values())
         # The final few by measured soft accuracy (ties: top-1, then cheaper), measured
@@ -567,10 +568,6 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         # held-out images fell on either side of it on val).
         advantage = advantage_se = float("nan")
         uniform_kept = False
-        in_budget = [
-            measured[k] for k in (gkey(gspace.uniform(u.bits, u.bits)) for u in uniform)
-            if k in measured and budget.met(measured[k][1])
-        ]
         if in_budget and not any(np.array_equal(finalists[best_i][0], u[0]) for u in in_budget):
             ref = max(in_budget, key=lambda r: (r[4], r[3], -r[1]))
             ref_i = next(
