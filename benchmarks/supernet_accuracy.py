@@ -28,7 +28,7 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,6 +64,8 @@ WEIGHT_FORMS = [  # (label, form) with asymmetric unsigned activations
 ]
 TRT_FORM = Form(True, True, True, True)  # int8 symmetric weights per channel, int8 symmetric activations
 REF_FORM = Form(True, True, False)
+# the dedicated single-configuration models: (bits, weight form)
+DEDICATED = [(2, WEIGHT_FORMS[2]), (4, WEIGHT_FORMS[2]), (2, WEIGHT_FORMS[1]), (4, WEIGHT_FORMS[1])]
 # Targets (points below FP32) by bit-width
 TARGET = {8: 0.5, 7: 0.5, 6: 0.5, 5: 0.5, 4: 0.5, 3: 1.5, 2: 4.0}
 
@@ -149,7 +151,24 @@ def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
     return statistics.median(tf), statistics.median(tq)
 
 
-def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -> None:
+@dataclass
+class SettingResult:
+    """One seed of one setting: every accuracy (%) the table prints, and the step times."""
+
+    seed: int
+    fp32: float
+    sup: dict[str, dict[int, float]]  # weight-form label -> bits -> top-1
+    trt: dict[int, float]
+    ptq: dict[str, dict[str, dict[int, float]]]  # "minmax" / "search" -> label -> bits -> top-1
+    ded: dict[tuple[int, str], float]  # (bits, label) -> top-1
+    abl: dict[str, dict[int, float]]
+    step_fp32: float
+    step_supernet: float
+    seconds: float
+    lr_weights: float
+
+
+def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path, seed: int) -> SettingResult:
     t_start = time.perf_counter()
     base = TrainConfig(
         model="resnet20",
@@ -164,11 +183,12 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -
         lr_ramp_epochs=args.lr_ramp_epochs,
         final_eval=False,
         threads=1,
-        seed=args.seed,
+        seed=seed,
         calibration=args.calibration,
         distill=args.distill,
     )
     say = _Printer(True)
+    tag = f"[{title}, seed {seed}]"
     data = _load_data(base)
     val = load_data("digits", data.preprocessing, split="val")
     torch.manual_seed(base.seed)
@@ -176,9 +196,9 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -
     warmup_fp32(model, data, base, _Dist(), _Printer(args.verbose), False)
     model.eval()
     fp32 = 100 * evaluate(model, val, None)
-    fp32_path = tmp / f"fp32-{size}.pt"
+    fp32_path = tmp / f"fp32-{size}-{seed}.pt"
     torch.save(model.state_dict(), fp32_path)
-    say(f"[{title}] FP32 val top-1 {fp32:.2f}% ({time.perf_counter() - t_start:.0f} s)")
+    say(f"{tag} FP32 val top-1 {fp32:.2f}% ({time.perf_counter() - t_start:.0f} s)")
 
     # min-max PTQ (and the calibration search alone, for reference)
     ptq = convert(model, ElasticSpace())
@@ -190,10 +210,10 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -
 
     def trained(name: str, **kw):
         t = time.perf_counter()
-        cfg = replace(base, out=str(tmp / f"{name}-{size}.pt"), pretrained=str(fp32_path), **kw)
+        cfg = replace(base, out=str(tmp / f"{name}-{size}-{seed}.pt"), pretrained=str(fp32_path), **kw)
         ckpt = train(cfg, progress=args.verbose)
         last = ckpt.meta.metrics["epochs"][-1]
-        say(f"[{title}] {name}: {time.perf_counter() - t:.0f} s, {last['img_per_s']:.0f} img/s, "
+        say(f"{tag} {name}: {time.perf_counter() - t:.0f} s, {last['img_per_s']:.0f} img/s, "
             f"held-out {last['holdout_top1']}")
         return ckpt.net
 
@@ -201,51 +221,98 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path) -
     sup_rows = {lab: uniform_row(sup, val, f) for lab, f in WEIGHT_FORMS}
     trt_row = uniform_row(sup, val, TRT_FORM)
     ded = {}
-    for b, (lab, form) in [(2, WEIGHT_FORMS[2]), (4, WEIGHT_FORMS[2]), (2, WEIGHT_FORMS[1]), (4, WEIGHT_FORMS[1])]:
+    for b, (lab, form) in DEDICATED:
         net = trained(f"dedicated-w{b}a{b}-{form_key(form).replace('/', '_')}", wbits=(b,), abits=(b,), forms=(form,))
         ded[(b, lab)] = 100 * evaluate(net, val, net.uniform_spec(form, b, b))
     abl = trained("no-wdr-no-gpg", wdr=False, gpg=False)
     abl_rows = {lab: uniform_row(abl, val, f) for lab, f in WEIGHT_FORMS}
 
     tf, tq = step_times(model, sup, base, size, args.repeats)
+    return SettingResult(seed, fp32, sup_rows, trt_row, ptq_rows, ded, abl_rows, tf, tq,
+                         time.perf_counter() - t_start, base.lr_weights)
 
+
+def _mean(values) -> float:
+    return statistics.mean(values)
+
+
+def _mean_rows(rows: list[dict[int, float]]) -> dict[int, float]:
+    return {b: _mean(r[b] for r in rows) for b in rows[0]}
+
+
+def mean_result(results: list[SettingResult]) -> SettingResult:
+    """Every cell averaged over the seeds (each seed its own FP32 model and trainings)."""
+    labs = [lab for lab, _ in WEIGHT_FORMS]
+    return SettingResult(
+        seed=-1,
+        fp32=_mean(r.fp32 for r in results),
+        sup={lab: _mean_rows([r.sup[lab] for r in results]) for lab in labs},
+        trt=_mean_rows([r.trt for r in results]),
+        ptq={m: {lab: _mean_rows([r.ptq[m][lab] for r in results]) for lab in labs} for m in ("minmax", "search")},
+        ded={k: _mean(r.ded[k] for r in results) for k in results[0].ded},
+        abl={lab: _mean_rows([r.abl[lab] for r in results]) for lab in labs},
+        step_fp32=statistics.median(r.step_fp32 for r in results),
+        step_supernet=statistics.median(r.step_supernet for r in results),
+        seconds=sum(r.seconds for r in results),
+        lr_weights=results[0].lr_weights,
+    )
+
+
+def print_setting(title: str, r: SettingResult, args, what: str) -> None:
     print()
-    print(f"### {title} — val top-1 (%), digits 360 images; FP32 {fp32:.2f}")
+    print(f"### {title} — val top-1 (%), digits 360 images, {what}; FP32 {r.fp32:.2f}")
     print()
     print("| model | weights / activations | " + " | ".join(f"w{b}a{b}" for b in BITS) + " |")
     print("|---|---|" + "---|" * len(BITS))
-    print(fmt_row("FP32", "float", {b: fp32 for b in BITS}))
+    print(fmt_row("FP32", "float", {b: r.fp32 for b in BITS}))
     for lab, _ in WEIGHT_FORMS:
-        print(fmt_row("supernet", f"{lab} / asym", sup_rows[lab], fp32))
-    print(fmt_row("supernet", "per-channel sym / sym signed (TensorRT, target at 8 bits)", trt_row, fp32, (8,)))
+        print(fmt_row("supernet", f"{lab} / asym", r.sup[lab], r.fp32))
+    print(fmt_row("supernet", "per-channel sym / sym signed (TensorRT, target at 8 bits)", r.trt, r.fp32, (8,)))
     for lab, _ in WEIGHT_FORMS:
-        print(fmt_row("min-max PTQ", f"{lab} / asym", ptq_rows["minmax"][lab]))
+        print(fmt_row("min-max PTQ", f"{lab} / asym", r.ptq["minmax"][lab]))
     for lab, _ in WEIGHT_FORMS:
-        print(fmt_row("PTQ, searched ranges", f"{lab} / asym", ptq_rows["search"][lab]))
-    for lab in dict.fromkeys(lab for _, lab in ded):
-        print(fmt_row("dedicated QAT", f"{lab} / asym", {b: v for (b, l2), v in ded.items() if l2 == lab}))
+        print(fmt_row("PTQ, searched ranges", f"{lab} / asym", r.ptq["search"][lab]))
+    for lab in dict.fromkeys(lab for _, lab in r.ded):
+        print(fmt_row("dedicated QAT", f"{lab} / asym", {b: v for (b, l2), v in r.ded.items() if l2 == lab}))
     for lab, _ in WEIGHT_FORMS:
-        print(fmt_row("supernet w/o WDR, GPG", f"{lab} / asym", abl_rows[lab], fp32))
+        print(fmt_row("supernet w/o WDR, GPG", f"{lab} / asym", r.abl[lab], r.fp32))
     print()
     print("✗ = misses the target (4..8 bits within 0.5 points of FP32, 3 bits within 1.5, 2 bits within 4).")
-    worst = {b: min([r[b] for r in sup_rows.values()] + ([trt_row[b]] if b == 8 else [])) for b in BITS}
-    met = all(fp32 - worst[b] <= TARGET[b] for b in BITS)
-    cells = [r[b] for r in sup_rows.values() for b in BITS if b >= 4]
+    worst = {b: min([row[b] for row in r.sup.values()] + ([r.trt[b]] if b == 8 else [])) for b in BITS}
+    met = all(r.fp32 - worst[b] <= TARGET[b] for b in BITS)
+    cells = [row[b] for row in r.sup.values() for b in BITS if b >= 4]
     # One val image is 0.28 points: how far the 4..8-bit cells scatter around their mean says
     # how much of a miss is the luck of the rounding rather than a worse network.
     print(f"Supernet 4..8-bit cells (4 forms x 5 bit-widths): mean {statistics.mean(cells):.2f}, "
-          f"sd {statistics.stdev(cells):.2f}, min {min(cells):.2f}, max {max(cells):.2f} (FP32 {fp32:.2f}).")
+          f"sd {statistics.stdev(cells):.2f}, min {min(cells):.2f}, max {max(cells):.2f} (FP32 {r.fp32:.2f}).")
     print("Supernet worst form per bit-width: "
           + ", ".join(f"w{b}a{b} {worst[b]:.2f}" for b in BITS) + f" -> accuracy targets {'met' if met else 'NOT met'}.")
     gaps = []
-    for (b, lab), v in ded.items():
-        gaps.append(f"w{b}a{b} {lab}: supernet {sup_rows[lab][b]:.2f} vs dedicated {v:.2f} "
-                    f"({'ok' if sup_rows[lab][b] >= v - 0.5 else 'WORSE by > 0.5'})")
+    for (b, lab), v in r.ded.items():
+        s = r.sup[lab][b]
+        gaps.append(f"w{b}a{b} {lab}: supernet {s:.2f} vs dedicated {v:.2f} "
+                    f"({'ok' if s >= v - 0.5 else 'WORSE by > 0.5'})")
     print("Supernet vs dedicated: " + "; ".join(gaps) + ".")
-    print(f"Training step, batch {base.batch_size}, 1 thread: FP32 {1000 * tf:.1f} ms, supernet (GPG sandwich, "
-          f"3 subnets) {1000 * tq:.1f} ms = {tq / tf:.2f}x (target <= 3.5x).")
-    print(f"(setting took {time.perf_counter() - t_start:.0f} s; supernet {args.epochs} epochs from the FP32 weights, "
-          f"weight lr {base.lr_weights:g}{', FP32 teacher' if base.distill else ''})")
+    print(f"Training step, batch {TrainConfig.batch_size}, 1 thread: FP32 {1000 * r.step_fp32:.1f} ms, supernet (GPG "
+          f"sandwich, 3 subnets) {1000 * r.step_supernet:.1f} ms = {r.step_supernet / r.step_fp32:.2f}x "
+          "(target <= 3.5x).")
+    print(f"({what} took {r.seconds:.0f} s; supernet {args.epochs} epochs from the FP32 weights, "
+          f"weight lr {r.lr_weights:g}{', FP32 teacher' if args.distill else ''})")
+
+
+def print_seed_summary(results: list[SettingResult]) -> None:
+    """Per seed: how many cells miss, so a mean that meets a target is not read as every run meeting it."""
+    print()
+    print("| seed | FP32 | 4..8-bit cells: mean | misses (of 20) | 3-bit misses (of 4) | 2-bit misses (of 4) "
+          "| worse than dedicated by > 0.5 (of 4) | step ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        cells = {(lab, b): row[b] for lab, row in r.sup.items() for b in BITS}
+        miss = {b: sum(r.fp32 - cells[(lab, b)] > TARGET[b] for lab in r.sup) for b in BITS}
+        hi = [v for (_, b), v in cells.items() if b >= 4]
+        worse = sum(r.sup[lab][b] < v - 0.5 for (b, lab), v in r.ded.items())
+        print(f"| {r.seed} | {r.fp32:.2f} | {statistics.mean(hi):.2f} | {sum(miss[b] for b in BITS if b >= 4)} | "
+              f"{miss[3]} | {miss[2]} | {worse} | {r.step_supernet / r.step_fp32:.2f}x |")
 
 
 def main() -> None:
@@ -258,6 +325,9 @@ def main() -> None:
     ap.add_argument("--lr-quant", type=float, default=TrainConfig.lr_quant)
     ap.add_argument("--lr-ramp-epochs", type=float, default=TrainConfig.lr_ramp_epochs)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run each setting once per seed (its own FP32 model and trainings), print each "
+                         "seed's table and the table of means over the seeds")
     ap.add_argument("--calibration", default=TrainConfig.calibration, help="search | minmax | hybrid")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
@@ -274,7 +344,13 @@ def main() -> None:
         settings = [s for s in settings if str(s[1]) == args.only]
     with tempfile.TemporaryDirectory(prefix="deployq-bench-") as tmp:
         for title, size, width, lr in settings:
-            run_setting(title, size, width, lr, args, Path(tmp))
+            results = []
+            for seed in args.seeds or [args.seed]:
+                results.append(run_setting(title, size, width, lr, args, Path(tmp), seed))
+                print_setting(title, results[-1], args, f"seed {seed}")
+            if len(results) > 1:
+                print_setting(title, mean_result(results), args, f"mean of {len(results)} seeds")
+                print_seed_summary(results)
 
 
 if __name__ == "__main__":
