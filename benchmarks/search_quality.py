@@ -22,8 +22,11 @@ measurement of those same configurations against their val measurement: how well
 second measurement on other images agrees, the yardstick for the predictor's tau
 (val is read for this report only; the search never sees it). "tau 5 splits" refits
 the samples-only predictor on 5 train/test splits of the samples (the search reports
-split 0): the mean and the worst. "chosen held top-1"
-is the chosen subnet's top-1 on the held-out images / on them plus shifted copies.
+split 0): the mean and the worst. "chosen top-1 search/final images" is the chosen
+subnet's top-1 on the held-out images the search measures on (x copies) / on those
+kept apart for the final choice (x final copies). "pick": whether a mixed or the best
+uniform subnet in budget was chosen, and the mixed finalist's paired soft-accuracy
+advantage over that uniform one on the final images (and its standard error).
 "val top-1 (soft)": on the 360 val images one image is 0.28 points, so beside top-1
 the soft accuracy at the search's temperature.
 
@@ -57,7 +60,7 @@ from deployq.search.predictor import (
     score_predictor,
     split_indices,
 )
-from deployq.search.sampling import TEMPERATURES, Measurer, sample_genes
+from deployq.search.sampling import TEMPERATURES, Measurer, sample_genes, split_final
 
 
 def train_supernet(path: Path, profiles: list[str], epochs: int, seed: int, holdout: float) -> None:
@@ -122,12 +125,17 @@ def main() -> None:
     _, held = holdout(
         load_data(tc.get("data", "digits"), prep, split="train"), tc["holdout"], tc["seed"]
     )
-    # as the search measures: the held-out images plus shifted copies
-    copies = SearchConfig(checkpoint=args.ckpt, profile="cpu", budget=args.budget).copies
+    # as the search measures: its share of the held-out images plus shifted copies (the
+    # rest is kept apart for the final choice)
+    defaults = SearchConfig(checkpoint=args.ckpt, profile="cpu", budget=args.budget)
+    copies = defaults.copies
+    search_idx, final_idx = split_final(
+        np.arange(len(held)), defaults.final_share, tc.get("holdout_seed", tc["seed"])
+    )
     on_held = Measurer(
         net,
-        held.x,
-        held.y,
+        held.x[search_idx],
+        held.y[search_idx],
         copies=copies,
         max_shift=max_shift(prep.size, tc.get("augment", True)),
     )
@@ -218,6 +226,11 @@ def main() -> None:
                     "target": r.metrics.target,
                     "T": r.temperature,
                     "final": f"{r.measured_acc:.4f}/{r.final_measured:.4f}",
+                    "pick": (
+                        "uniform (best)" if r.advantage != r.advantage
+                        else f"{'uniform' if r.uniform_kept else 'mixed'} "
+                        f"({100 * r.advantage:+.2f} se {100 * r.advantage_se:.2f})"
+                    ),
                     "rmse": r.metrics.rmse,
                     "n": f"{r.metrics.n_train}/{r.metrics.n_test}",
                     "held_pred": r.predicted_acc,
@@ -242,7 +255,8 @@ def main() -> None:
         f"search quality: {args.ckpt.name}, digits ResNet-20, {args.samples} samples, "
         f"{args.generations} generations x 100, torch threads {torch.get_num_threads()}, "
         f"predictor target {rows[0]['target']} ({PredictorConfig().kind}), "
-        f"{len(held.y)} held-out train images x {len(on_held) // len(held.y)} shifted copies"
+        f"{len(search_idx)} held-out train images x {len(on_held) // len(search_idx)} shifted copies for "
+        f"the search, {len(final_idx)} x {defaults.final_copies} kept apart for the final choice"
     )
     hdr = (
         "profile",
@@ -255,7 +269,8 @@ def main() -> None:
         f"tau {args.spread_test} spread target/top-1",
         "T",
         "held vs val soft/top-1",
-        "chosen held top-1 (x copies)",
+        "chosen top-1 search/final images",
+        "pick (mixed - uniform soft, points)",
         "searched val top-1 (soft)",
         "uniform w3a3 val top-1 (soft)",
         "cost",
@@ -281,6 +296,7 @@ def main() -> None:
             f"{r['T']:.2f}",
             f"{r['twice'][0]:.3f}/{r['twice'][1]:.3f}",
             r["final"],
+            r["pick"],
             f"{r['val'].top1:.4f} ({r['val'].soft:.4f})",
             f"{r['uni3_val'].top1:.4f} ({r['uni3_val'].soft:.4f})",
             f"{r['cost']:.3f}",

@@ -419,6 +419,22 @@ def test_measurer_scores_and_shifted_copies():
     assert m.calls == 1 and m2.calls == 2
 
 
+@given(st.integers(0, 500), st.sampled_from([0.0, 0.1, 1 / 3, 0.5, 0.9]), st.integers(0, 3))
+def test_split_final_keeps_images_apart(n, share, seed):
+    from deployq.search.sampling import split_final
+
+    idx = np.arange(n) * 3 + 1  # any index set
+    search_idx, final_idx = split_final(idx, share, seed)
+    if share == 0 or n < 2:
+        assert np.array_equal(search_idx, idx) and np.array_equal(final_idx, idx)
+        return
+    assert not set(search_idx) & set(final_idx)  # the search never measures a final image
+    assert np.array_equal(np.sort(np.concatenate([search_idx, final_idx])), idx)
+    assert len(search_idx) >= 1 and len(final_idx) == min(max(round(n * share), 1), n - 1)
+    again = split_final(idx, share, seed)
+    assert np.array_equal(again[0], search_idx) and np.array_equal(again[1], final_idx)
+
+
 def test_paired_advantage():
     from deployq.search.sampling import paired_advantage
 

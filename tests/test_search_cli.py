@@ -104,7 +104,9 @@ def test_cli_search_writes_spec_csv_png(ckpt, tmp_path, capsys):
     flat = " ".join(printed.replace("│", " ").split())  # the table wraps long cells
     assert "vs measured soft accuracy" in flat and "vs measured top-1" in flat, flat
     # 287 held-out images (0.2 of digits' train split): the summary says they are few
-    assert "287 held-out images: one image is 0.35 points" in flat, flat
+    # (a third kept apart for the final choice: one image is 1/191 of a search measurement)
+    assert "287 held-out images: one image is 0.52 points of a search measurement" in flat, flat
+    assert "on 96 it never measured x 5 copies" in flat, flat
     spec = SubnetSpec.from_json(out.read_text())
     net = load_checkpoint(ckpt).net
     net.check_spec(spec)
@@ -159,14 +161,15 @@ def test_cache_reused_and_invalidated(ckpt, tmp_path):
     )
     assert second.samples_cached and second.predictor_cached
     # top-k per round (4 refinement rounds + the last) + 4 uniform references, then the
-    # 8 best measured once more on the held-out images + shifted copies; plus the
+    # best measured once more on the final images + shifted copies; plus the
     # near-uniform subnets (uniform ones over budget lowered into it) not measured yet
     from deployq.search.api import NEAR_UNIFORM
 
-    # (+ 1: the best uniform subnet in budget, when the best mixed one is compared with
-    # it and it was not among the 8)
-    assert 5 * 5 + 4 + 8 <= second.n_measured <= 5 * 5 + 4 + 8 + NEAR_UNIFORM + 1
-    assert second.final_images == 5 * second.n_holdout
+    # (+ 1: the best uniform subnet in budget, when the best mixed one is compared with it)
+    assert 5 * 5 + 4 + 1 <= second.n_measured <= 5 * 5 + 4 + 1 + NEAR_UNIFORM + 1
+    # a third of the held-out images is kept from the search for the final choice
+    assert second.final_apart and second.final_images == 5 * second.final_holdout
+    assert second.final_holdout == round((second.n_holdout + second.final_holdout) / 3)
     assert second.base_metrics == first.base_metrics
     # The soft accuracies are at the calibrating temperature; without calibration they
     # are at T = 1: the samples are reused (they hold every temperature), the predictor
@@ -223,6 +226,9 @@ def test_bad_input(ckpt, tmp_path, capsys):
     assert "unknown budget kind 'speed'" in _fail(
         capsys, [*base, "--profile", "snpe", "--budget", "speed=3"]
     )
+    assert "final share must be in [0, 1); got 1.0" in _fail(
+        capsys, [*base, "--profile", "snpe", "--budget", "avg-bits=4", "--final-share", "1"]
+    )
     assert "unknown profile 'nosuch'" in _fail(
         capsys, [*base, "--profile", "nosuch", "--budget", "avg-bits=4"]
     )
@@ -263,7 +269,8 @@ def test_cli_search_defaults_are_the_library_defaults():
     cfg = SearchConfig(checkpoint=Path("x.pt"), profile="snpe", budget="avg-bits=4")
     pairs = {"samples": "n_samples", "copies": "copies", "generations": "generations",
              "population": "population", "top_k": "top_k", "refine_rounds": "refine_rounds",
-             "target": "target", "calibrate": "calibrate", "seed": "seed", "holdout": "holdout"}
+             "target": "target", "calibrate": "calibrate", "seed": "seed", "holdout": "holdout",
+             "final_share": "final_share"}
     for cli_name, field in pairs.items():
         assert params[cli_name].default == getattr(cfg, field), cli_name
 

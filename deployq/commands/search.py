@@ -52,6 +52,14 @@ def search_cmd(
             help="Measure subnets on the held-out images x this many shifted copies.",
         ),
     ] = 2,
+    final_share: Annotated[
+        float,
+        typer.Option(
+            "--final-share",
+            help="Share of the held-out images the search never measures; the final choice "
+            "(best candidate vs best uniform subnet) is made on them. 0: on the search's own.",
+        ),
+    ] = 1 / 3,
     top_k: Annotated[
         int, typer.Option("--top-k", help="Candidates measured for real in each round.")
     ] = 5,
@@ -93,6 +101,7 @@ def search_cmd(
             n_samples=samples,
             copies=copies,
             holdout=holdout,
+            final_share=final_share,
             generations=generations,
             population=population,
             seed=seed,
@@ -108,9 +117,10 @@ def search_cmd(
     _print_summary(result)
 
 
-# Below this many held-out images the summary says the measurements are noisy: on digits
-# ResNet-20, 434 images (x 2 copies) are what keeps a second measurement of the same
-# subnets agreeing with the first at Kendall tau ~0.8 (README, "Mixed-precision search").
+# Below this many held-out images (search and final shares together) the summary says
+# the measurements are noisy: on digits ResNet-20, 434 images (x 2 copies) are what kept a
+# second measurement of the same subnets agreeing with the first at Kendall tau ~0.8
+# (README, "Mixed-precision search").
 FEW_HELD_OUT = 300
 
 
@@ -141,20 +151,22 @@ def _print_summary(r) -> None:
         f"{f' x {r.measure_images // r.n_holdout} shifted copies' if r.measure_images > r.n_holdout else ''}"
         f"{' (cached)' if r.samples_cached else ''}",
     )
-    if r.n_holdout < FEW_HELD_OUT:
+    held = r.n_holdout + (r.final_holdout if r.final_apart else 0)
+    if held < FEW_HELD_OUT:
         t.add_row(
             "note",
-            f"{r.n_holdout} held-out images: one image is {100 / r.n_holdout:.2f} points, so "
-            "measurements and tau are noisy; `deployq train --holdout 0.3` holds out more",
+            f"{held} held-out images: one image is {100 / r.n_holdout:.2f} points of a search "
+            "measurement, so measurements and tau are noisy; `deployq train --holdout 0.3` "
+            "holds out more",
         )
-    final = (
-        f"; {r.final_measured:.4f} on {r.final_images} (held-out + shifted copies)"
-        if r.final_images > r.n_holdout
-        else ""
-    )
+    copies = f" x {r.final_images // r.final_holdout} copies" if r.final_images > r.final_holdout else ""
+    if r.final_apart:
+        final = f" on the search's images, {r.final_measured:.4f} on {r.final_holdout} it never measured{copies}"
+    else:
+        final = f"; {r.final_measured:.4f} on the same images{copies}" if copies else ""
     t.add_row(
         "chosen subnet",
-        f"measured top-1 {r.measured_acc:.4f}{final}, predicted {r.predicted_acc:.4f} ({what})",
+        f"measured top-1 {r.measured_acc:.4f}{final}; predicted {r.predicted_acc:.4f} ({what})",
     )
     if r.uniform_kept:
         t.add_row(

@@ -33,8 +33,9 @@ from deployq.spec import Form
 # 2: soft accuracies, predictor target; 3: samples distinct; 4: the predictor reads
 # ordinal bit features (its state holds the encoder's one-hot groups); 5: samples
 # measured on the held-out images x `copies` shifted copies; 6: soft accuracy and NLL
-# on a grid of temperatures (the predictor learns the calibrated one)
-CACHE_VERSION = 6
+# on a grid of temperatures (the predictor learns the calibrated one); 7: measured on
+# the held-out images less the share kept apart for the final choice
+CACHE_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class CacheKey:
     data: str
     holdout: float
     holdout_seed: int
-    n_measure: int  # held-out images
+    n_measure: int  # held-out images the samples are measured on
+    final_share: float  # of the held-out images, kept apart for the final choice
     copies: int  # each measured as this many shifted copies
     wchoices: tuple[int, ...]
     achoices: tuple[int, ...]

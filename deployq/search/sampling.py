@@ -224,6 +224,18 @@ def calibrating_temperature(nll_t: np.ndarray) -> int:
     return int(np.argmin(np.asarray(nll_t, np.float64).mean(0)))
 
 
+def split_final(idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(search images, final images): `share` of the held-out image indices `idx` kept
+    apart for the final choice, the rest for the search; deterministic in seed. With
+    share 0 (or fewer than 2 images) both are all of idx."""
+    idx = np.asarray(idx)
+    if share <= 0 or len(idx) < 2:
+        return idx, idx
+    n_final = min(max(round(len(idx) * share), 1), len(idx) - 1)
+    perm = np.random.default_rng([seed, 1]).permutation(len(idx))
+    return np.sort(idx[perm[n_final:]]), np.sort(idx[perm[:n_final]])
+
+
 def subsample(n_total: int, n: int, seed: int) -> np.ndarray:
     """Indices of at most n of n_total items, deterministic; all of them when n <= 0."""
     if n <= 0 or n >= n_total:
