@@ -33,7 +33,7 @@ def search_cmd(
     ] = None,
     samples: Annotated[
         int, typer.Option("--samples", help="Subnets measured to train the predictor.")
-    ] = 700,
+    ] = 1200,
     generations: Annotated[
         int, typer.Option("--generations", help="Genetic search generations.")
     ] = 30,

@@ -80,8 +80,10 @@ class SearchConfig:
     budget: str | Budget
     data: str | None = None  # default: the checkpoint's training source, else "digits"
     # tau rises slowly with more (calibrated target, 8 splits, seed-0 supernet: 0.804 /
-    # 0.819 / 0.828 at 500 / 700 / 900); 700 keeps a search alone under 3.5 minutes
-    n_samples: int = 700
+    # 0.819 / 0.828 at 500 / 700 / 900; 5-split means on two supernets x two forms
+    # 0.768-0.837 at 700, 0.817-0.855 at 1200). 1200 on two thirds of 434 held-out
+    # digits images (x 2 copies) took 135-185 s on 2 cores (benchmarks/search_quality.py).
+    n_samples: int = 1200
     holdout: float | None = None  # fraction of the train split; default: training's, else 0.2
     holdout_seed: int | None = None
     generations: int = 30
