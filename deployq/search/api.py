@@ -5,7 +5,8 @@ split of the TRAINING data -> sampled subnets measured on it (cached) -> predict
 fitted and scored on held-out configurations (cached) -> evolution with predicted
 accuracy as fitness -> top-k re-measured for real -> the best of those measured again
 on held-out images kept apart from the search (plus shifted copies) and compared with
-the best uniform subnet there -> SubnetSpec JSON plus a Pareto CSV/PNG. Uniform subnets are measured for reference.
+the best uniform subnet there -> SubnetSpec JSON plus a Pareto CSV/PNG. Uniform
+subnets are measured for reference.
 
 What the predictor learns (`target`): "soft", the mean probability of the true
 class, by default, at the temperature that calibrates the sampled subnets (`calibrate`:
@@ -144,7 +145,7 @@ class SearchResult:
     timings: dict
     form: object  # Form
     data: str
-    n_holdout: int  # held-out images
+    n_holdout: int  # held-out images the search measures on
     measure_images: int = 0  # images a sample is measured on (held-out x copies)
     final_holdout: int = 0  # held-out images the final choice was measured on
     final_apart: bool = False  # those are images the search never measured
