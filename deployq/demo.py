@@ -390,7 +390,8 @@ def _run(config: DemoConfig, out: Path, work: Path, budget, progress: bool, t_st
             seed=config.seed, out=work / "subnet.json",
         ), progress=progress)
         stage.say(f"chosen: {bits_label(sr.spec, net.fixed_layers)}, cost {sr.cost:.3g} (budget {sr.budget.value:g}), measured "
-                  f"{100 * sr.measured_acc:.2f}% on held-out training images; predictor Kendall tau "
+                  f"{100 * sr.measured_acc:.2f}% on the search's held-out training images, "
+                  f"{100 * sr.final_measured:.2f}% on {sr.final_holdout} it never measured; predictor Kendall tau "
                   f"{sr.metrics.kendall_tau:.3f} vs {sr.metrics.target} accuracy, "
                   f"{sr.metrics.kendall_tau_top1:.3f} vs top-1")
 
