@@ -83,6 +83,16 @@ def train_supernet(path: Path, profiles: list[str], epochs: int, seed: int, hold
     )
 
 
+def pick_label(r) -> str:
+    """Mixed or uniform, and the mixed finalist's advantage when the two were compared."""
+    if r.advantage == r.advantage:  # not nan: compared on the final images
+        kind = "uniform" if r.uniform_kept else "mixed"
+        return f"{kind} ({100 * r.advantage:+.2f} se {100 * r.advantage_se:.2f})"
+    if any(r.budget.met(u.cost) for u in r.uniform):
+        return "uniform (best measured)"
+    return "mixed (no uniform in budget)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -226,11 +236,7 @@ def main() -> None:
                     "target": r.metrics.target,
                     "T": r.temperature,
                     "final": f"{r.measured_acc:.4f}/{r.final_measured:.4f}",
-                    "pick": (
-                        "uniform (best)" if r.advantage != r.advantage
-                        else f"{'uniform' if r.uniform_kept else 'mixed'} "
-                        f"({100 * r.advantage:+.2f} se {100 * r.advantage_se:.2f})"
-                    ),
+                    "pick": pick_label(r),
                     "rmse": r.metrics.rmse,
                     "n": f"{r.metrics.n_train}/{r.metrics.n_test}",
                     "held_pred": r.predicted_acc,
