@@ -58,6 +58,7 @@ def search_cmd(
             "--final-share",
             help="Share of the held-out images the search never measures; the final choice "
             "(best candidate vs best uniform subnet) is made on them. 0: on the search's own.",
+            show_default="1/3",
         ),
     ] = 1 / 3,
     top_k: Annotated[
