@@ -45,9 +45,10 @@ import torch
 
 from deployq.augment import max_shift
 from deployq.checkpoint import load_checkpoint
-from deployq.data import Preprocessing, holdout, load_data
+from deployq.data import Preprocessing, load_data
 from deployq.profile import load_profile
 from deployq.search import SearchConfig, search
+from deployq.search.api import held_out_images
 from deployq.search.cache import cache_dir
 from deployq.search.cost import parse_budget
 from deployq.search.encoder import encode_many, onehot_groups
@@ -60,7 +61,7 @@ from deployq.search.predictor import (
     score_predictor,
     split_indices,
 )
-from deployq.search.sampling import TEMPERATURES, Measurer, sample_genes, split_final
+from deployq.search.sampling import TEMPERATURES, Measurer, sample_genes
 
 
 def train_supernet(path: Path, profiles: list[str], epochs: int, seed: int, holdout: float) -> None:
@@ -132,16 +133,12 @@ def main() -> None:
     val = load_data(meta.train_config.get("data", "digits"), prep, split="val")
     on_val = Measurer(net, val.x, val.y)
     tc = meta.train_config
-    _, held = holdout(
-        load_data(tc.get("data", "digits"), prep, split="train"), tc["holdout"], tc["seed"]
-    )
     # as the search measures: its share of the held-out images plus shifted copies (the
     # rest is kept apart for the final choice)
     defaults = SearchConfig(checkpoint=args.ckpt, profile="cpu", budget=args.budget)
     copies = defaults.copies
-    search_idx, final_idx = split_final(
-        np.arange(len(held)), defaults.final_share, tc.get("holdout_seed", tc["seed"])
-    )
+    ho = held_out_images(defaults, meta, prep)
+    held, search_idx, final_idx = ho.held, ho.idx, ho.final_idx
     on_held = Measurer(
         net,
         held.x[search_idx],

@@ -232,12 +232,8 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path, s
                          time.perf_counter() - t_start, base.lr_weights)
 
 
-def _mean(values) -> float:
-    return statistics.mean(values)
-
-
 def _mean_rows(rows: list[dict[int, float]]) -> dict[int, float]:
-    return {b: _mean(r[b] for r in rows) for b in rows[0]}
+    return {b: statistics.mean(r[b] for r in rows) for b in rows[0]}
 
 
 def mean_result(results: list[SettingResult]) -> SettingResult:
@@ -245,11 +241,11 @@ def mean_result(results: list[SettingResult]) -> SettingResult:
     labs = [lab for lab, _ in WEIGHT_FORMS]
     return SettingResult(
         seed=-1,
-        fp32=_mean(r.fp32 for r in results),
+        fp32=statistics.mean(r.fp32 for r in results),
         sup={lab: _mean_rows([r.sup[lab] for r in results]) for lab in labs},
         trt=_mean_rows([r.trt for r in results]),
         ptq={m: {lab: _mean_rows([r.ptq[m][lab] for r in results]) for lab in labs} for m in ("minmax", "search")},
-        ded={k: _mean(r.ded[k] for r in results) for k in results[0].ded},
+        ded={k: statistics.mean(r.ded[k] for r in results) for k in results[0].ded},
         abl={lab: _mean_rows([r.abl[lab] for r in results]) for lab in labs},
         step_fp32=statistics.median(r.step_fp32 for r in results),
         step_supernet=statistics.median(r.step_supernet for r in results),

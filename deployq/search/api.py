@@ -269,11 +269,8 @@ def _holdout_params(config: SearchConfig, train_config: dict, same_data: bool) -
         else train_config.get("holdout", DEFAULT_HOLDOUT)
     )
     # deployq.train holds out `holdout` of the train split with seed `seed`.
-    seed = (
-        config.holdout_seed
-        if config.holdout_seed is not None
-        else train_config.get("holdout_seed", train_config.get("seed", 0))
-    )
+    t_seed = train_config.get("holdout_seed", train_config.get("seed", 0))
+    seed = config.holdout_seed if config.holdout_seed is not None else t_seed
     try:
         frac, seed = float(frac), int(seed)
     except (TypeError, ValueError):
@@ -283,17 +280,44 @@ def _holdout_params(config: SearchConfig, train_config: dict, same_data: bool) -
     if not 0 < frac < 1:
         raise UserError(f"held-out fraction must be in (0, 1); got {frac}")
     trained = train_config.get("holdout")
-    if same_data and trained is not None:
-        # Another split of the same data holds images the supernet trained on: measured
-        # there, every subnet looks near-perfect and the predictor learns noise.
-        t_seed = train_config.get("holdout_seed", train_config.get("seed", 0))
-        if (float(trained), int(t_seed)) != (frac, seed):
-            raise UserError(
-                f"the checkpoint was trained on all but a {float(trained):g} held-out split "
-                f"(seed {t_seed}) of its data; measuring on a {frac:g} split (seed {seed}) would "
-                f"use images it trained on: drop --holdout, or train with --holdout {frac:g}"
-            )
+    # Another split of the same data holds images the supernet trained on: measured
+    # there, every subnet looks near-perfect and the predictor learns noise.
+    if same_data and trained is not None and (float(trained), int(t_seed)) != (frac, seed):
+        raise UserError(
+            f"the checkpoint was trained on all but a {float(trained):g} held-out split "
+            f"(seed {t_seed}) of its data; measuring on a {frac:g} split (seed {seed}) would "
+            f"use images it trained on: drop --holdout, or train with --holdout {frac:g}"
+        )
     return frac, seed
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The images `search` measures on: `held` is the held-out split (fraction `frac`,
+    seed `seed`) of the TRAIN data of `source`; the search measures `idx` of it, the
+    final choice `final_idx`."""
+
+    source: str
+    frac: float
+    seed: int
+    held: object  # deployq.data.Dataset
+    idx: np.ndarray
+    final_idx: np.ndarray
+
+
+def held_out_images(config: SearchConfig, meta, prep) -> HeldOut:
+    """What `search` measures on, for reports that must measure on the same images."""
+    from deployq.data import holdout, load_data
+    from deployq.search.sampling import split_final, subsample
+
+    trained_on = meta.train_config.get("data") or "digits"
+    source = config.data or trained_on
+    frac, hseed = _holdout_params(config, meta.train_config, _same_source(source, trained_on))
+    _, held = holdout(load_data(str(source), prep, split="train"), frac, hseed)
+    idx, final_idx = split_final(
+        subsample(len(held), config.n_measure, hseed), config.final_share, hseed
+    )
+    return HeldOut(str(source), frac, hseed, held, idx, final_idx)
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -307,7 +331,7 @@ def _same_source(a: str, b: str) -> bool:
 def search(config: SearchConfig, progress: bool = True) -> SearchResult:
     from deployq.augment import max_shift as augment_shift
     from deployq.checkpoint import file_sha256
-    from deployq.data import Preprocessing, holdout, load_data
+    from deployq.data import Preprocessing
     from deployq.fileio import check_writable
     from deployq.search.cache import CacheKey, SearchCache, cache_dir
     from deployq.search.encoder import encode_many, onehot_groups
@@ -321,8 +345,6 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         paired_advantage,
         sample_genes,
         sample_population,
-        split_final,
-        subsample,
     )
 
     t_start = time.perf_counter()
@@ -353,13 +375,8 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
     profile.check(to_spec(gspace.uniform(min(wchoices), min(achoices))))  # fixed layers too
 
     # --- held-out split of the training data ------------------------------------
-    trained_on = meta.train_config.get("data") or "digits"
-    source = config.data or trained_on
-    frac, hseed = _holdout_params(config, meta.train_config, _same_source(source, trained_on))
-    _, held = holdout(load_data(str(source), prep, split="train"), frac, hseed)
-    idx, final_idx = split_final(
-        subsample(len(held), config.n_measure, hseed), config.final_share, hseed
-    )
+    ho = held_out_images(config, meta, prep)
+    source, held, idx, final_idx = ho.source, ho.held, ho.idx, ho.final_idx
     # Training's augmentation (random shifts of up to size/8 pixels) is what makes
     # shifted copies in-distribution; without it there are no copies.
     max_shift = augment_shift(prep.size, meta.train_config.get("augment", True))
@@ -369,8 +386,8 @@ def search(config: SearchConfig, progress: bool = True) -> SearchResult:
         checkpoint_sha256=file_sha256(config.checkpoint),
         form=form.to_dict(),
         data=str(source),
-        holdout=frac,
-        holdout_seed=hseed,
+        holdout=ho.frac,
+        holdout_seed=ho.seed,
         n_measure=measure.n_images,
         final_share=float(config.final_share),
         copies=len(measure) // max(measure.n_images, 1),
