@@ -85,3 +85,54 @@ def test_grad_l1_zero_lambda_and_unused_tensors():
     loss = (w**2).sum()
     assert float(grad_l1(loss, [w], 0.0)) == 0.0
     torch.testing.assert_close(grad_l1(loss, [w, unused], 1.0), (2 * w).abs().sum())
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_wdr_kernel_and_torch_path_agree_with_the_double_precision_formula(kernel):
+    """The fused kernel (one node, moments in double) and the per-layer torch graph give
+    the loss and every layer's gradient of the per-layer formula taken in float64."""
+    from deployq import kernels
+    from deployq.losses import _WDR
+
+    if kernel and kernels.get() is None:
+        pytest.skip("no compiled kernel here")
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(8, 3, 3, 3, generator=g).exp(), torch.randn(16, 8, 3, 3, generator=g),
+          torch.rand(10, 64, generator=g) ** 3, torch.randn(7, generator=g)]
+    ws = [w.requires_grad_() for w in ws]
+    ctx = kernels.disabled() if not kernel else torch.enable_grad()
+    with ctx:
+        assert _WDR.applies(ws) == kernel
+        loss = wdr_loss(ws)
+        got = torch.autograd.grad(loss, ws)
+    ref_ws = [w.detach().double().requires_grad_() for w in ws]
+    moments = [standardized_moments(w) for w in ref_ws]
+    skew = torch.stack([m[0] for m in moments])
+    kurt = torch.stack([m[1] for m in moments])
+    ref = skew.pow(2).mean() + 0.015 * (kurt - 1.8).pow(2).mean()
+    want = torch.autograd.grad(ref, ref_ws)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+def test_wdr_kernel_passes_gradcheck_in_its_own_precision():
+    from deployq import kernels
+
+    if kernels.get() is None:
+        pytest.skip("no compiled kernel here")
+    ws = [torch.randn(4, 3, 3, 3).pow(3).requires_grad_(), torch.randn(6, 4).requires_grad_()]
+    # float32 inputs: the moments are double inside, the gradient is rounded to float
+    eps = 1e-2
+    loss = wdr_loss(ws)
+    grads = torch.autograd.grad(loss, ws)
+    for w, gw in zip(ws, grads):
+        for idx in [(0,) * w.dim(), tuple(s - 1 for s in w.shape)]:
+            with torch.no_grad():
+                w[idx] += eps
+                up = float(wdr_loss(ws))
+                w[idx] -= 2 * eps
+                down = float(wdr_loss(ws))
+                w[idx] += eps
+            assert float(gw[idx]) == pytest.approx((up - down) / (2 * eps), rel=2e-2, abs=1e-4)

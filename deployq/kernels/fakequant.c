@@ -29,7 +29,7 @@ static inline float clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-int deployq_fq_abi(void) { return 3; }
+int deployq_fq_abi(void) { return 5; }
 
 /* mode 0: no zero-point (t = rne(x/s)); 1: t += z, no subtraction (a fixed zero-point
  * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. */
@@ -252,6 +252,163 @@ void deployq_lfq_backward(const float *g, const float *t, const float *out, cons
             float rs = raw_s[j];
             float sg = rs > 0.0f ? 1.0f : (rs < 0.0f ? -1.0f : 0.0f);
             g_raw_s[j] = (fabsf(rs) >= min_scale ? gs : 0.0f) * sg;
+        }
+    }
+}
+
+/* Many fake-quants in one call (the stacked sandwich, deployq/stacked.py): r rows of k
+ * floats; row i reads row (i % xr) of x (xr = r: every row its own input; xr < r: the
+ * same weight quantized by several cells) and is quantized with step-size scalar
+ * cell_of[i]. Per scalar c (nc of them): raw_s[c], raw_z[c] (read in mode 2 only),
+ * mode[c] (0, 1, 2 as deployq_fq_forward; 3: the row passes unchanged, t not written),
+ * qmin[c], qmax[c]. A per-tensor cell is one scalar many rows share; a per-channel cell
+ * is one scalar per row. Writes scale[c] and, if zmask is not NULL, zmask[c] (mode 2;
+ * 1 elsewhere) as deployq_lfq_forward. Each row's floats are those of
+ * deployq_lfq_forward on that row alone. */
+void deployq_rows_forward(const float *x, int64_t xr, float *t, float *out, int64_t r, int64_t k,
+                          const int32_t *cell_of, int64_t nc, const float *raw_s, const float *raw_z,
+                          const int32_t *mode, const float *qmin, const float *qmax, float min_scale,
+                          float *scale, float *zmask) {
+    for (int64_t c = 0; c < nc; c++) {
+        float a = fabsf(raw_s[c]);
+        scale[c] = a < min_scale ? min_scale : a;
+        if (zmask) {
+            float zmv = 1.0f;
+            if (mode[c] == 2) {
+                float zr = rne(raw_z[c]);
+                zmv = clampf(zr, qmin[c], qmax[c]) == zr ? 1.0f : 0.0f;
+            }
+            zmask[c] = zmv;
+        }
+    }
+    for (int64_t i = 0; i < r; i++) {
+        const int32_t c = cell_of[i];
+        const float *xi = x + (i % xr) * k;
+        float *ti = t + i * k, *oi = out + i * k;
+        const float s = scale[c];
+        switch (mode[c]) {
+            case 0: fwd_row(xi, ti, oi, k, s, 0.0f, 0, qmin[c], qmax[c]); break;
+            case 1: fwd_row(xi, ti, oi, k, s, 0.0f, 1, qmin[c], qmax[c]); break;
+            case 2: fwd_row(xi, ti, oi, k, s, clampf(rne(raw_z[c]), qmin[c], qmax[c]), 2, qmin[c], qmax[c]); break;
+            default: memcpy(oi, xi, (size_t)k * sizeof(float)); break;
+        }
+    }
+}
+
+/* The backward of deployq_rows_forward. gx (NULL: not needed; may be g itself) gets each
+ * row's input gradient (rows of a mode-3 scalar: g unchanged); the step-size gradient of
+ * scalar c sums, in double, the row sums of every row that uses it, then takes the float
+ * ops of deployq_lfq_backward: g_raw_s[c] (NULL: not needed), g_raw_z[c] (NULL: not
+ * needed; 0 unless mode 2). gf[c]: the LSQ factor; acc: 2 * nc doubles of scratch. */
+void deployq_rows_backward(const float *g, const float *t, const float *out, const float *x, int64_t xr,
+                           float *gx, int64_t r, int64_t k, const int32_t *cell_of, int64_t nc,
+                           const int32_t *mode, const float *qmin, const float *qmax, const float *scale,
+                           const float *zmask, const float *gf, const float *raw_s, float min_scale,
+                           double *acc, float *g_raw_s, float *g_raw_z) {
+    const int dx = gx != 0, ds = g_raw_s != 0;
+    for (int64_t c = 0; c < 2 * nc; c++) acc[c] = 0.0;
+    for (int64_t i = 0; i < r; i++) {
+        const int32_t c = cell_of[i];
+        const int64_t o = i * k;
+        if (mode[c] == 3) {
+            if (dx && gx + o != g + o) memcpy(gx + o, g + o, (size_t)k * sizeof(float));
+            continue;
+        }
+        const int dz = g_raw_z != 0 && mode[c] == 2;
+        const float *xi = x ? x + (i % xr) * k : 0;
+        double rr[2];
+        row_sums(g + o, t + o, ds ? out + o : 0, ds ? xi : 0, dx ? gx + o : 0, k, qmin[c] - 0.5f,
+                 qmax[c] + 0.5f, dx, ds, dz, rr);
+        acc[2 * c] += rr[0];
+        acc[2 * c + 1] += rr[1];
+    }
+    for (int64_t c = 0; c < nc; c++) {
+        if (g_raw_z) g_raw_z[c] = mode[c] == 2 ? (((float)acc[2 * c + 1] * scale[c]) * zmask[c]) * gf[c] : 0.0f;
+        if (ds) {
+            if (mode[c] == 3) {
+                g_raw_s[c] = 0.0f;
+                continue;
+            }
+            float gs = ((float)acc[2 * c] / scale[c]) * gf[c];
+            float rs = raw_s[c];
+            float sg = rs > 0.0f ? 1.0f : (rs < 0.0f ? -1.0f : 0.0f);
+            g_raw_s[c] = (fabsf(rs) >= min_scale ? gs : 0.0f) * sg;
+        }
+    }
+}
+
+/* Weight distribution regularisation (deployq/losses.py, wdr_loss) in three passes per
+ * layer: layer l holds n[l] floats at w[l]. stats (5 doubles a layer): mean, std
+ * (population), then with z = (w - mean) / (std + eps): mean z^2, mean z^3 (skewness),
+ * mean z^4 (kurtosis). Sums in double over WL independent lanes (vectorisable, a fixed
+ * order). */
+#define WL 8
+void deployq_wdr_stats(const float *const *w, const int64_t *n, int64_t layers, double eps, double *stats) {
+    for (int64_t l = 0; l < layers; l++) {
+        const float *x = w[l];
+        const int64_t k = n[l];
+        double a[WL] = {0}, b[WL] = {0}, c[WL] = {0};
+        int64_t i = 0;
+        for (; i + WL <= k; i += WL)
+            for (int j = 0; j < WL; j++) a[j] += (double)x[i + j];
+        for (int j = 0; i < k; i++, j++) a[j] += (double)x[i];
+        double s = 0;
+        for (int j = 0; j < WL; j++) s += a[j];
+        const double mean = s / (double)k;
+        for (int j = 0; j < WL; j++) a[j] = 0;
+        for (i = 0; i + WL <= k; i += WL)
+            for (int j = 0; j < WL; j++) {
+                double d = (double)x[i + j] - mean;
+                a[j] += d * d;
+            }
+        for (int j = 0; i < k; i++, j++) {
+            double d = (double)x[i] - mean;
+            a[j] += d * d;
+        }
+        s = 0;
+        for (int j = 0; j < WL; j++) s += a[j];
+        const double sd = sqrt(s / (double)k), inv = 1.0 / (sd + eps);
+        for (int j = 0; j < WL; j++) a[j] = 0;
+        for (i = 0; i + WL <= k; i += WL)
+            for (int j = 0; j < WL; j++) {
+                double z = ((double)x[i + j] - mean) * inv, z2 = z * z;
+                a[j] += z2;
+                b[j] += z2 * z;
+                c[j] += z2 * z2;
+            }
+        for (int j = 0; i < k; i++, j++) {
+            double z = ((double)x[i] - mean) * inv, z2 = z * z;
+            a[j] += z2;
+            b[j] += z2 * z;
+            c[j] += z2 * z2;
+        }
+        double m2 = 0, m3 = 0, m4 = 0;
+        for (int j = 0; j < WL; j++) {
+            m2 += a[j];
+            m3 += b[j];
+            m4 += c[j];
+        }
+        double *o = stats + 5 * l;
+        o[0] = mean;
+        o[1] = sd;
+        o[2] = m2 / (double)k;
+        o[3] = m3 / (double)k;
+        o[4] = m4 / (double)k;
+    }
+}
+
+/* grad[l] = c0 z^2 + c1 z^3 + c2 z + c3 with z from stats as above; coef: 4 doubles a
+ * layer (the chain rule's per-layer factors, computed by the caller). */
+void deployq_wdr_grad(const float *const *w, const int64_t *n, int64_t layers, double eps, const double *stats,
+                      const double *coef, float *const *grad) {
+    for (int64_t l = 0; l < layers; l++) {
+        const float *x = w[l];
+        float *g = grad[l];
+        const double mean = stats[5 * l], inv = 1.0 / (stats[5 * l + 1] + eps);
+        const double *cf = coef + 4 * l;
+        for (int64_t i = 0; i < n[l]; i++) {
+            double z = ((double)x[i] - mean) * inv, z2 = z * z;
+            g[i] = (float)(cf[0] * z2 + cf[1] * z2 * z + cf[2] * z + cf[3]);
         }
     }
 }

@@ -133,3 +133,49 @@ def learned_backward(g, t, out, x, scale, zmask, bounds, grad_factor, raw_s, min
         torch.get_num_threads(),
     )
     return gx, gs, gz
+
+
+def rows_forward(x, xr: int, r: int, plan, raw_s, raw_z, min_scale: float, need_z: bool):
+    """Many fake-quants in one call (deployq_rows_forward): x holds xr rows, the output r
+    rows of x.numel() // xr floats; plan (deployq.stacked.RowsPlan) maps rows to step-size
+    scalars and holds their modes and ranges; raw_s / raw_z: those scalars' raw cells,
+    flat. Returns (t, out [r, k], scale [nc], zmask [nc] or None), or None when the kernel
+    is unavailable or the tensors are not dense float32 CPU tensors."""
+    lib = get()
+    if lib is None or not (_dense(x) and _dense(raw_s) and _dense(raw_z)) or x.numel() == 0:
+        return None
+    k = x.numel() // xr
+    t = torch.empty(r, k)
+    out = torch.empty(r, k)
+    scale = torch.empty_like(raw_s)
+    zmask = torch.empty_like(raw_s) if need_z else None
+    cell_of, mode, qmin, qmax, _ = plan.ptrs
+    lib.deployq_rows_forward(
+        x.data_ptr(), xr, t.data_ptr(), out.data_ptr(), r, k, cell_of, plan.nc, raw_s.data_ptr(), raw_z.data_ptr(),
+        mode, qmin, qmax, min_scale, scale.data_ptr(), zmask.data_ptr() if zmask is not None else None,
+    )
+    return t, out, scale, zmask
+
+
+def rows_backward(g, t, out, x, xr: int, plan, scale, zmask, raw_s, min_scale: float, need_x: bool,
+                  need_s: bool, gx=None):
+    """The backward of rows_forward: (d rows [r, k] or None, d raw_s, d raw_z or None).
+    gx: where to write the rows' gradient (may be g; default a new tensor)."""
+    lib = get()
+    r, k = t.shape
+    g = g.reshape(r, k)
+    if not _dense(g):
+        g = g.contiguous()
+    if need_x and gx is None:
+        gx = torch.empty_like(t)
+    gs = torch.empty_like(raw_s) if need_s else None
+    gz = torch.empty_like(raw_s) if zmask is not None else None
+    acc = torch.empty(2 * plan.nc, dtype=torch.float64)
+    cell_of, mode, qmin, qmax, gf = plan.ptrs
+    lib.deployq_rows_backward(
+        g.data_ptr(), t.data_ptr(), out.data_ptr() if need_s else None, x.data_ptr() if need_s else None, xr,
+        gx.data_ptr() if need_x else None, r, k, cell_of, plan.nc, mode, qmin, qmax, scale.data_ptr(),
+        zmask.data_ptr() if zmask is not None else None, gf, raw_s.data_ptr(), min_scale, acc.data_ptr(),
+        gs.data_ptr() if gs is not None else None, gz.data_ptr() if gz is not None else None,
+    )
+    return (gx if need_x else None), gs, gz
