@@ -45,7 +45,7 @@ from deployq.quant import (
     lsq_grad_factor,
     quantize,
 )
-from deployq.spec import ElasticSpace, Form, LayerSpec, QuantSpec, SubnetSpec
+from deployq.spec import ElasticSpace, Form, LayerSpec, QuantSpec, SubnetSpec, act_spec
 
 WEIGHT_CELLS = ("pt_sym", "pt_asym", "pc_sym", "pc_asym")
 ACT_KINDS = ("asym", "sym_u", "sym_s")
@@ -69,7 +69,7 @@ def _cell_list(n: int, shape: tuple[int, ...], fill: float) -> nn.ParameterList:
 
 
 def _drop_caches(module: nn.Module) -> None:
-    for k in ("_cells", "_cell_cache"):
+    for k in ("_cells", "_cell_cache", "_stack_cells"):
         module.__dict__.pop(k, None)
 
 
@@ -405,6 +405,7 @@ class _ElasticWeighted(nn.Module):
         self.aq = ActQuantizer(_with_fixed(space.abits, space))
         self.stored_bits: int | None = None  # set when the input tensor is shared (convert)
         self.active: LayerSpec | None = None
+        self.stack: tuple[LayerSpec, ...] | None = None  # several subnets at once (deployq.stacked)
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -414,9 +415,16 @@ class _ElasticWeighted(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stack is not None:
+            from deployq.stacked import weighted_forward
+
+            return weighted_forward(self, x)
         spec = self.active
         if spec is None:
             return self._op(x, self.weight, self.bias)
+        return self._quantized(x, spec)
+
+    def _quantized(self, x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
         conv = self._fused_args()
         if conv is None:
             xq, s_a = _quant_input(self.aq, x, spec.act, self.stored_bits)
@@ -503,8 +511,13 @@ class ElasticWeightless(nn.Module):
         self.aq = nn.ModuleList([ActQuantizer(_with_fixed(space.abits, space)) for _ in range(n_inputs)])
         self.stored_bits: list[int | None] = [None] * n_inputs
         self.active: LayerSpec | None = None
+        self.stack: tuple[LayerSpec, ...] | None = None
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        if self.stack is not None:
+            from deployq.stacked import weightless_forward
+
+            return weightless_forward(self, xs)
         spec = self.active
         if spec is None:
             return self.op(*xs)
@@ -634,7 +647,7 @@ class ElasticNet(nn.Module):
         spec = form.act(bits)
         # A symmetric unsigned grid cannot hold negative inputs: use the signed one there.
         if spec.symmetric and not spec.signed and self.input_signed(name):
-            spec = QuantSpec(bits=bits, symmetric=True, signed=True)
+            spec = act_spec(bits, symmetric=True, signed=True)
         return spec
 
     def layer_spec(self, name: str, form: Form, wbits: int, abits: int) -> LayerSpec:
@@ -699,8 +712,22 @@ class ElasticNet(nn.Module):
         """Select a subnet (None = the float network, quantization off)."""
         if spec is not None:
             self.check_spec(spec)
+        # __dict__: nn.Module.__setattr__ costs ~3 us a call, ~60 per training step
         for n, m in self.layers():
-            m.active = None if spec is None else spec.layers[n]
+            d = m.__dict__
+            d["active"] = None if spec is None else spec.layers[n]
+            d["stack"] = None
+
+    def set_active_stack(self, specs: list[SubnetSpec]) -> None:
+        """Select k subnets at once: a forward then takes k stacked copies of a batch
+        ([k * B, ...], subnet j on rows j*B .. (j+1)*B) and returns their outputs the same
+        way (see deployq.stacked)."""
+        for spec in specs:
+            self.check_spec(spec)
+        for n, m in self.layers():
+            d = m.__dict__
+            d["active"] = None
+            d["stack"] = tuple(spec.layers[n] for spec in specs)
 
     def active_spec(self) -> SubnetSpec | None:
         specs = {n: m.active for n, m in self.layers()}

@@ -14,6 +14,7 @@ Canonical ranges (see `QuantSpec.qmin` / `qmax`):
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -82,7 +83,7 @@ class QuantSpec:
         return self.qmax - self.qmin + 1
 
     def with_bits(self, bits: int) -> QuantSpec:
-        return replace(self, bits=bits)
+        return _with_bits(self, bits)
 
     def to_dict(self) -> dict:
         return {
@@ -105,6 +106,14 @@ class QuantSpec:
             raise UserError(f"bad QuantSpec {dict(d)}: {e}") from None
 
 
+@functools.lru_cache(maxsize=1024)
+def _with_bits(spec: QuantSpec, bits: int) -> QuantSpec:
+    # Specs are immutable, and a training step asks for the same few hundred of them
+    # (per layer, subnet and step): built once each (as weight_spec / act_spec).
+    return replace(spec, bits=bits)
+
+
+@functools.lru_cache(maxsize=1024)
 def weight_spec(bits: int, per_channel: bool, symmetric: bool) -> QuantSpec:
     """Weights: symmetric means signed narrow range (what TensorRT requires and
     what keeps +w and -w equally representable); asymmetric is unsigned + zero-point."""
@@ -117,6 +126,7 @@ def weight_spec(bits: int, per_channel: bool, symmetric: bool) -> QuantSpec:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def act_spec(bits: int, symmetric: bool, signed: bool) -> QuantSpec:
     """Activations are per-tensor. `signed` only matters when symmetric: a
     symmetric unsigned quantizer (uint8, zero-point 0) only suits non-negative inputs."""

@@ -51,6 +51,7 @@ DEFAULT_FORMS = (
 )
 PER_TENSOR_REFERENCE = Form(weight_per_channel=False, weight_symmetric=False, act_symmetric=False)
 CLIP_VALUE = 1.0
+STACKED_CHOICES = ("auto", "on", "off")
 ALL_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -100,6 +101,10 @@ class TrainConfig:
     lowest_per_tensor: float = 0.5  # probability the lowest subnet uses a per-tensor form
     final_eval: bool = True  # uniform-subnet table on the val split at the end
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    # Run the sandwich's subnets as one stacked batch (deployq.stacked): "auto" does where
+    # it is faster (small activations, compiled kernel, CPU, no gradient-l1), "on" wherever
+    # it can run, "off" never. Same steps up to float rounding.
+    stacked: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("wbits", "abits"):
@@ -123,6 +128,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 < self.holdout < 1.0:
             raise UserError(f"holdout fraction must be in (0, 1); got {self.holdout}")
+        if self.stacked not in STACKED_CHOICES:
+            raise UserError(f"stacked must be one of {', '.join(STACKED_CHOICES)}; got {self.stacked!r}")
         if self.calibration not in ("search", "minmax", "hybrid"):
             raise UserError(f"calibration must be search, minmax or hybrid; got {self.calibration!r}")
         if self.distill and not self.pretrained and self.warmup_epochs == 0:
@@ -320,10 +327,15 @@ class ElasticAdam(torch.optim.Optimizer):
     Adam makes the absolute step ~lr whatever the gradient's size, so one learning rate
     cannot suit step sizes that span 1e-3 (8-bit) to 1 (2-bit): one that moves the 2-bit
     cells knocks the 8-bit ones off their grid. Relative steps treat every cell alike,
-    without storing logarithms (which made 2-bit per-tensor far worse in the prototype)."""
+    without storing logarithms (which made 2-bit per-tensor far worse in the prototype).
 
-    def __init__(self, groups, betas=(0.9, 0.999), eps=1e-8):
+    clip_value: each gradient element is first clamped to [-clip_value, clip_value], as
+    torch.nn.utils.clip_grad_value_ would (on the flat gradient: one op, not one per
+    parameter; the parameters' .grad are left as they are)."""
+
+    def __init__(self, groups, betas=(0.9, 0.999), eps=1e-8, clip_value: float | None = None):
         super().__init__(groups, {"lr": 1e-3, "betas": betas, "eps": eps, "relative": False})
+        self.clip_value = clip_value
         self._flat: list[_FlatState | None] = [None] * len(self.param_groups)
 
     def load_state_dict(self, state_dict) -> None:
@@ -358,6 +370,8 @@ class ElasticAdam(torch.optim.Optimizer):
                 steps.append(st["step"])
             sizes = [p.numel() for p in ps]
             g = torch.cat([p.grad.reshape(-1) for p in ps])
+            if self.clip_value is not None:
+                g.clamp_(-self.clip_value, self.clip_value)
             if len(ps) == len(group["params"]):
                 # every parameter has a gradient (the weights, every step): in place
                 idx = None
@@ -442,7 +456,8 @@ def make_optimizer(net, cfg: TrainConfig) -> ElasticAdam:
             {"params": weights, "lr": cfg.lr_weights},
             {"params": scales, "lr": cfg.lr_quant, "relative": True},
             {"params": zps, "lr": cfg.lr_zero_point},
-        ]
+        ],
+        clip_value=CLIP_VALUE,
     )
 
 
@@ -536,27 +551,89 @@ def sandwich_step(
             capture = grad_l1_on and i == 0 and cfg.grad_l1_a > 0
             with _capture_activations(net, capture) as acts:
                 logits = forward(x)
-            if cfg.gpg and teacher_logits is not None:
-                from deployq.losses import gpg_loss
-
-                loss = gpg_loss(logits, y, teacher_logits)
-            else:
-                loss = F.cross_entropy(logits, y)
+            loss = _subnet_loss(logits, y, teacher_logits, cfg)
             if i == 0 and grad_l1_on:
                 from deployq.losses import grad_l1
 
                 ws = [m.weight for m in _weighted(net)]
                 loss = loss + grad_l1(loss, ws, cfg.grad_l1_w) + grad_l1(loss, acts, cfg.grad_l1_a)
-            if i == 0 and cfg.wdr:
-                from deployq.losses import wdr_loss
-
-                ws = wdr_weights(net)
-                if ws:
-                    loss = loss + wdr_loss(ws)
+            if i == 0:
+                loss = _with_wdr(loss, net, cfg)
             loss.backward()
         total += float(loss.detach())
         teacher_logits = logits.detach()
     return total
+
+
+def _subnet_loss(logits, y, teacher_logits, cfg: TrainConfig) -> torch.Tensor:
+    """A sandwich subnet's loss: GPG (KL to the subnet above + CE) when it has a teacher."""
+    if cfg.gpg and teacher_logits is not None:
+        from deployq.losses import gpg_loss
+
+        return gpg_loss(logits, y, teacher_logits)
+    return F.cross_entropy(logits, y)
+
+
+def _with_wdr(loss: torch.Tensor, net, cfg: TrainConfig) -> torch.Tensor:
+    """The first subnet's loss plus WDR on the weights (when on)."""
+    if cfg.wdr:
+        from deployq.losses import wdr_loss
+
+        ws = wdr_weights(net)
+        if ws:
+            return loss + wdr_loss(ws)
+    return loss
+
+
+def stacked_sandwich_step(
+    net, forward, x: torch.Tensor, y: torch.Tensor, specs: list, cfg: TrainConfig,
+    teacher: nn.Module | None = None,
+) -> float:
+    """sandwich_step's gradients and loss with the k subnets run as ONE batch of k
+    stacked copies (deployq.stacked): one forward, one backward. Subnet j's teacher is
+    subnet j-1's output, detached, as in the sequential sandwich. No gradient-l1 (that
+    needs a double backward): the caller runs the sequential sandwich then."""
+    k = len(specs)
+    teacher_logits = None
+    if teacher is not None and cfg.gpg:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+    net.set_active_stack(specs)
+    try:
+        logits = forward(x.repeat(k, *([1] * (x.dim() - 1)))).chunk(k)
+    finally:
+        net.set_active(None)
+    losses = []
+    for i, out in enumerate(logits):
+        loss = _subnet_loss(out, y, teacher_logits, cfg)
+        losses.append(_with_wdr(loss, net, cfg) if i == 0 else loss)
+        teacher_logits = out.detach()
+    torch.stack(losses).sum().backward()
+    return float(sum(float(v.detach()) for v in losses))
+
+
+def use_stacked(net, cfg: TrainConfig, x: torch.Tensor, single: bool = False, say=None) -> bool:
+    """Whether train() runs the sandwich stacked (TrainConfig.stacked), for a batch like
+    x; `say` (if given) hears that it does, or why not when "on" was asked for."""
+    from deployq import kernels
+    from deployq.stacked import AUTO_MAX_FLOATS, max_conv_floats
+
+    say = say or (lambda _msg: None)
+    if cfg.stacked == "off" or single:
+        return False
+    why = None
+    if x.device.type != "cpu":
+        why = "its kernel runs on CPU only"
+    elif kernels.get() is None:
+        why = "the compiled fake-quant kernel is unavailable (no C compiler, or DEPLOYQ_KERNELS=0)"
+    if why is not None:
+        if cfg.stacked == "on":
+            say(f"stacked sandwich not used: {why}")
+        return False
+    if cfg.stacked == "auto" and max_conv_floats(net, x) > AUTO_MAX_FLOATS:
+        return False
+    say("sandwich: the three subnets run as one stacked batch (--stacked off: one after the other)")
+    return True
 
 
 def _weighted(net) -> list[nn.Module]:
@@ -732,7 +809,8 @@ def _resume_config(cfg: TrainConfig, say) -> tuple[TrainConfig, Any] | None:
     if ckpt.extra.get("stage") != "supernet":
         raise UserError(f"{cfg.out!r} was not written by `deployq train`: nothing to resume")
     stored = TrainConfig.from_dict(ckpt.meta.train_config)
-    keep = {"out": cfg.out, "resume": True, "final_eval": cfg.final_eval, "threads": cfg.threads}
+    keep = {"out": cfg.out, "resume": True, "final_eval": cfg.final_eval, "threads": cfg.threads,
+            "stacked": cfg.stacked}
     ignored = [
         f.name
         for f in fields(TrainConfig)
@@ -820,6 +898,7 @@ def train(config: TrainConfig, progress: bool = True):
     single = single_subnet(space)
     shift = max_shift(data.preprocessing.size, cfg.augment)
     all_params = [p for p in net.parameters()]
+    stack = use_stacked(net, cfg, _to_batch(data.fit, np.arange(1), d.device)[0], single, say)
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         batches = _epoch_batches(len(data.fit), cfg.batch_size, epoch, cfg.seed, d)
@@ -840,10 +919,11 @@ def train(config: TrainConfig, progress: bool = True):
                     with forward.no_sync():
                         loss = sandwich_step(net, forward, x, y, specs, cfg, gl1, teacher=teacher)
                     _allreduce_grads(all_params, d)
+                elif stack and not gl1:
+                    loss = stacked_sandwich_step(net, forward, x, y, specs, cfg, teacher)
                 else:
                     loss = sandwich_step(net, forward, x, y, specs, cfg, gl1, no_sync, teacher)
-                torch.nn.utils.clip_grad_value_(all_params, CLIP_VALUE)
-                opt.step()
+                opt.step()  # clips the gradients at CLIP_VALUE first
                 sched.step()
                 seen += len(idx) * d.world
                 total += loss

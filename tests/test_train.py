@@ -143,6 +143,7 @@ def test_dedicated_single_subnet_space_and_ablations_train(tiny_npz, tmp_path):
         {"wbits": (2,), "abits": (2,), "forms": (Form(False, True, False),)},
         {"wbits": (2, 8), "abits": (2, 8), "wdr": False, "gpg": False,
          "grad_l1_w": 1e-3, "grad_l1_a": 1e-3, "grad_l1_last": 1},
+        {"wbits": (2, 8), "abits": (2, 8), "stacked": "off"},  # the sequential sandwich
     ):
         out = tmp_path / "d.pt"
         cfg = TrainConfig(data=str(tiny_npz), input_size=8, width=4, epochs=1, warmup_epochs=1, out=str(out),
@@ -164,6 +165,7 @@ def test_ddp_two_processes(tiny_npz, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert sum(line.startswith("epoch 1/1") for line in lines) == 1, r.stdout  # only rank 0 prints
+    assert any("one stacked batch" in line for line in lines), r.stdout  # DDP runs the stacked sandwich
     ckpt = load_checkpoint(out)
     assert ckpt.meta.epoch == 1 and len(ckpt.meta.metrics["epochs"]) == 1
     # each rank saw half of the data per step, the throughput counts both
@@ -206,6 +208,7 @@ def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, trained):
     _fails(capsys, ["train", "--wbits", "9", "--out", str(out)], "2..8", out)
     _fails(capsys, ["train", "--abits", "1-4", "--out", str(out)], "2..8", out)
     _fails(capsys, ["train", "--wbits", "two", "--out", str(out)], "range", out)
+    _fails(capsys, ["train", "--stacked", "sometimes", "--out", str(out)], "stacked must be one of", out)
     _fails(capsys, ["train", "--out", str(tmp_path / "missing" / "o.pt")], "does not exist")
     wrong = tmp_path / "wrong.pt"
     torch.save(build_model("resnet20", num_classes=10, width=8).state_dict(), wrong)
@@ -359,6 +362,36 @@ def test_elastic_adam_is_adam_to_the_bit_across_save_and_load(dtype):
     st = opt.state_dict()["state"]
     assert set(st[2]) == {"step", "exp_avg", "exp_avg_sq", "ref"} and set(st[0]) == {"step", "exp_avg", "exp_avg_sq"}
     assert 0 < st[2]["step"] < 60  # trained on some steps only
+
+
+def test_elastic_adam_clips_like_clip_grad_value():
+    """clip_value clamps on the flat gradient: the same updates, to the bit, as
+    torch.nn.utils.clip_grad_value_ before the step; the parameters' .grad untouched."""
+    from deployq.train import ElasticAdam
+
+    def run(clip_in_optimizer: bool):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.rand(2) + 0.1)]
+        groups = [{"params": ps[:2], "lr": 0.01}, {"params": ps[2:], "lr": 0.05, "relative": True}]
+        opt = ElasticAdam(groups, clip_value=0.5 if clip_in_optimizer else None)
+        raw = []
+        for i in range(20):
+            gen = torch.Generator().manual_seed(i)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen) * 2
+            raw.append([p.grad.clone() for p in ps])
+            if not clip_in_optimizer:
+                torch.nn.utils.clip_grad_value_(ps, 0.5)
+            opt.step()
+        return ps, raw
+
+    got, raw = run(True)
+    want, _ = run(False)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert any(float(g.abs().max()) > 0.5 for g in raw[-1])
+    assert all(torch.equal(p.grad, g) for p, g in zip(got, raw[-1]))
 
 
 def test_supernet_schedule_ramps_then_decays():

@@ -142,6 +142,13 @@ def register(app: typer.Typer) -> None:
                 help="torch threads per process (1 is often fastest for small nets on a busy CPU)."
             ),
         ] = None,
+        stacked: Annotated[
+            str,
+            typer.Option(
+                help="Run the sandwich's three subnets as one stacked batch: auto (where it is "
+                "faster: small activations, CPU, compiled kernel), on, off."
+            ),
+        ] = "auto",
     ) -> None:
         """Train an elastic quantization supernet (FP32 warm-up, BN folding, GPG sandwich + WDR).
 
@@ -180,6 +187,7 @@ def register(app: typer.Typer) -> None:
             holdout=holdout,
             augment=not no_augment,
             threads=threads,
+            stacked=stacked,
         )
         train(cfg, progress=True)
 
