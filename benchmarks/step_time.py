@@ -8,13 +8,13 @@ Steps are interleaved (FP32, supernet, FP32, ...) so machine load hits both alik
 medians of `--repeats`, one torch thread (`--threads`), batch 64. Uses `step_times` of
 benchmarks/supernet_accuracy.py so both benchmarks time the same thing.
 
-"floor" is the same sandwich with quantization off (three float passes of the
-BN-folded net, same losses and optimizer), interleaved with FP32 steps. The last
-column is one float pass of the three batches stacked into one: the floor of a
-sandwich that would run its three subnets as one batch (grouped convolutions), which
-this project does not do (yet).
-The column before it runs the supernet with the compiled fake-quant kernel off
-(deployq.kernels; the torch path), also against its own interleaved FP32 steps.
+"supernet ms" / "ratio" is the step train() runs (`--stacked auto`: the three subnets as
+one stacked batch where that is faster, deployq/stacked.py; else one after the other).
+The next two columns force each way (`--stacked off` / `on`), the one after runs the
+sequential sandwich with the compiled fake-quant kernel off (deployq.kernels; the torch
+path), each against its own interleaved FP32 steps. "floor" is the sequential sandwich
+with quantization off (three float passes of the BN-folded net, same losses and
+optimizer); the last column is one float pass of the three batches stacked into one.
 deployq.alloc.keep_freed_memory() runs first, as in train() (--no-keep-freed-memory: glibc defaults).
 
 Run:  python benchmarks/step_time.py [--repeats 21] [--no-keep-freed-memory] [--profile 8]
@@ -38,7 +38,7 @@ from supernet_accuracy import step_times, supernet_step
 from deployq import kernels
 from deployq.elastic import convert
 from deployq.models import build_model
-from deployq.train import TrainConfig
+from deployq.train import TrainConfig, use_stacked
 
 SETTINGS = [("16x16 input, width-16 ResNet-20", 16, 16), ("8x8 input (native), width-8 ResNet-20", 8, 8)]
 
@@ -117,25 +117,31 @@ def main() -> None:
         if args.only and str(size) != args.only:
             continue
         model, net, cfg = build(size, width)
+        how = "stacked" if use_stacked(net, cfg, torch.zeros(1, 3, size, size)) else "sequential"
         tf, tq = step_times(model, net, cfg, size, args.repeats)
+        ratios = []
+        for mode in ("off", "on"):
+            f, q = step_times(model, net, replace(cfg, stacked=mode), size, args.repeats)
+            ratios.append(q / f)
         kf, kq = float("nan"), float("nan")
         if args.kernel_column and kernels.get() is not None:
             with kernels.disabled():
-                kf, kq = step_times(model, net, cfg, size, args.repeats)
+                kf, kq = step_times(model, net, replace(cfg, stacked="off"), size, args.repeats)
         ff, fq = step_times(model, net, cfg, size, args.repeats, quantized=False)
         sf, sq = step_times(model, net, cfg, size, args.repeats, quantized=False, stacked=True)
-        rows.append((title, tf, tq, kq / kf, fq / ff, sq / sf))
+        rows.append((title, how, tf, tq, *ratios, kq / kf, fq / ff, sq / sf))
     print(f"Training step, batch {TrainConfig().batch_size}, {torch.get_num_threads()} thread(s), "
           f"median of {args.repeats} interleaved pairs:")
     print()
     print(f"fake-quant kernel: {'on' if kernels.get() is not None else 'off (torch path)'}")
     print()
-    print("| setting | FP32 ms | supernet ms (GPG sandwich) | ratio | ratio, kernel off | "
+    print("| setting | sandwich as trained (--stacked auto) | FP32 ms | supernet ms | ratio | ratio, sequential "
+          "(--stacked off) | ratio, stacked (--stacked on) | ratio, sequential, kernel off | "
           "floor: sandwich without fake-quant | floor, three batches in one pass |")
-    print("|---|---|---|---|---|---|---|")
-    for title, tf, tq, off, floor, stacked in rows:
-        print(f"| {title} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {off:.2f}x | {floor:.2f}x "
-              f"| {stacked:.2f}x |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for title, how, tf, tq, seq, stk, off, floor, stacked in rows:
+        print(f"| {title} | {how} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {seq:.2f}x | {stk:.2f}x "
+              f"| {off:.2f}x | {floor:.2f}x | {stacked:.2f}x |")
 
 
 if __name__ == "__main__":

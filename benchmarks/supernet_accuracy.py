@@ -41,7 +41,6 @@ from deployq.evaluate import evaluate, form_key
 from deployq.models import build_model
 from deployq.spec import ElasticSpace, Form
 from deployq.train import (
-    CLIP_VALUE,
     TrainConfig,
     _Dist,
     _load_data,
@@ -51,7 +50,9 @@ from deployq.train import (
     frozen_teacher,
     make_optimizer,
     sandwich_step,
+    stacked_sandwich_step,
     train,
+    use_stacked,
     warmup_fp32,
 )
 
@@ -91,25 +92,27 @@ def fmt_row(label: str, form_label: str, row: dict[int, float], fp32: float | No
 
 def supernet_step(net, cfg: TrainConfig, x, y, teacher=None, quantized: bool = True,
                   stacked: bool = False):
-    """step(i): one training step of the supernet as train() runs it (sandwich, clipping,
-    ElasticAdam), subnets drawn with seed i, learning rates 0 so repeated steps
-    time the same net. quantized=False: three float passes of the BN-folded net;
+    """step(i): one training step of the supernet as train() runs it (sandwich, stacked
+    where cfg.stacked says so, clipping, ElasticAdam), subnets drawn with seed i, learning
+    rates 0 so repeated steps time the same net. quantized=False: three float passes of the BN-folded net;
     stacked=True (with quantized=False): ONE float pass of the three batches stacked,
     the floor of a sandwich that runs its three subnets as one batch."""
     if stacked:
         x, y = x.repeat(3, *([1] * (x.dim() - 1))), y.repeat(3)
     net.train()
-    params = list(net.parameters())
     opt = make_optimizer(net, cfg)
     for group in opt.param_groups:
         group["lr"] = 0.0
+    run_stacked = quantized and use_stacked(net, cfg, x[:1])
 
     def step(i: int) -> None:
         specs = choose_subnets(net, random.Random(i), cfg) if quantized else [None] * (1 if stacked else 3)
         opt.zero_grad(set_to_none=True)
-        sandwich_step(net, net, x, y, specs, cfg, teacher=teacher)
-        torch.nn.utils.clip_grad_value_(params, CLIP_VALUE)
-        opt.step()
+        if run_stacked:
+            stacked_sandwich_step(net, net, x, y, specs, cfg, teacher=teacher)
+        else:
+            sandwich_step(net, net, x, y, specs, cfg, teacher=teacher)
+        opt.step()  # clips at CLIP_VALUE, as in train()
 
     return step
 
