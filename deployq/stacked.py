@@ -10,9 +10,10 @@ of the 8x8 digits supernet the per-call overhead of three separate passes costs 
 than their arithmetic (benchmarks/step_time.py).
 
 Forward values are those of the k passes run one after the other, except that a grouped
-convolution may sum in another order; gradients are the sums of the k passes'
-gradients (autograd sums them in another order too). So training takes the same steps
-up to float rounding, not bit for bit. Batch-mixing ops would couple the subnets: the
+convolution may sum in another order (and a later quantizer may then round the odd value
+that sits on a rounding edge the other way); gradients are the sums of the k passes'
+gradients. So training takes the same steps up to float rounding, not bit for bit
+(tests/test_stacked.py measures how close). Batch-mixing ops would couple the subnets: the
 converted net has none of its own (batch norm is folded before training). Needs the
 compiled kernel (deployq.kernels) and no double backward: `use_stacked` says when the
 trainer may use it.
