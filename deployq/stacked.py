@@ -89,6 +89,12 @@ def _mode(raw_z, zero_offset: bool) -> int:
 _ONE = torch.ones(1)  # the raw step size of a passing slice (never read: mode 3)
 
 
+@functools.lru_cache(maxsize=256)
+def _zeros(n: int) -> torch.Tensor:
+    # the raw zero-points of slices without one (read-only; shared by every Cells)
+    return torch.zeros(n)
+
+
 @dataclass(frozen=True, eq=False)
 class Cells:
     """The cells of one stacked fake-quant, resolved once per (quantizer, specs, size):
@@ -102,8 +108,8 @@ class Cells:
         d = self.__dict__
         d["cat_s"] = tuple(_ONE if s is None else s.view(-1) for s in self.raws)
         d["cat_z"] = (None if all(z is None for z in self.zs) else
-                      tuple(torch.zeros(n) if z is None else z.view(-1) for z, n in zip(self.zs, self.plan.sizes)))
-        d["zeros"] = torch.zeros(self.plan.nc)
+                      tuple(_zeros(n) if z is None else z.view(-1) for z, n in zip(self.zs, self.plan.sizes)))
+        d["zeros"] = _zeros(self.plan.nc)
         d["shapes"] = tuple(None if s is None else (s.shape, None if z is None else z.shape)
                             for s, z in zip(self.raws, self.zs))
 

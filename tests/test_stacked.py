@@ -115,15 +115,16 @@ def test_weight_rows_quantize_one_weight_with_several_cells(forms):
         off += n
 
 
-def _tiny_net(size=8, width=4, seed=0):
+def _tiny_net(size=8, width=4, seed=0, model="resnet20"):
     torch.manual_seed(seed)
-    model = build_model("resnet20", num_classes=10, input_size=size, width=width)
-    model.train()
+    kw = {"width": width} if model == "resnet20" else {}
+    float_model = build_model(model, num_classes=10, input_size=size, **kw)
+    float_model.train()
     with torch.no_grad():
-        model(torch.randn(32, 3, size, size))  # BN statistics to fold
-    model.eval()
-    cfg = TrainConfig(input_size=size, width=width)
-    net = convert(model, cfg.space)
+        float_model(torch.randn(32, 3, size, size))  # BN statistics to fold
+    float_model.eval()
+    cfg = TrainConfig(model=model, input_size=size, width=width if model == "resnet20" else None)
+    net = convert(float_model, cfg.space)
     net.calibrate([torch.randn(16, 3, size, size).abs() for _ in range(2)])
     return net, cfg
 
@@ -132,23 +133,27 @@ def _grads(net):
     return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
+def _both_ways(net, cfg, x, y, seed):
+    """(loss, gradients) of one sandwich step run one subnet after the other, then stacked."""
+    net.train()
+    specs = choose_subnets(net, random.Random(seed), cfg)
+    out = []
+    for step in (sandwich_step, stacked_sandwich_step):
+        net.zero_grad(set_to_none=True)
+        out.append((step(net, net, x, y, specs, cfg), _grads(net)))
+    return out
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_stacked_step_takes_the_sequential_steps_gradients(seed):
     """One GPG step (highest -> random -> lowest, KL chain, WDR) run stacked: the same
     losses and, up to float summation order, the same gradient on every parameter; no
     cell gets a gradient the sequential sandwich would not give it."""
     net, cfg = _tiny_net()
-    net.train()
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(12, 3, 8, 8, generator=gen)
     y = torch.randint(0, 10, (12,), generator=gen)
-    specs = choose_subnets(net, random.Random(seed), cfg)
-    net.zero_grad(set_to_none=True)
-    seq_loss = sandwich_step(net, net, x, y, specs, cfg)
-    seq = _grads(net)
-    net.zero_grad(set_to_none=True)
-    stk_loss = stacked_sandwich_step(net, net, x, y, specs, cfg)
-    stk = _grads(net)
+    (seq_loss, seq), (stk_loss, stk) = _both_ways(net, cfg, x, y, seed)
     assert stk_loss == pytest.approx(seq_loss, rel=1e-6)
     assert seq.keys() == stk.keys()
     rel = {n: float((seq[n] - stk[n]).norm() / seq[n].norm().clamp_min(1e-12)) for n in seq}
@@ -218,24 +223,9 @@ def test_depthwise_convs_stack_too():
     """MobileNetV2 (depthwise and 1x1 convs, ReLU6, residual adds) stacked vs one after
     the other. Deeper nets flip the odd 8-bit rounding on ulp-level differences of the
     grouped convolution, so its gradients agree closely, not to float rounding."""
-    torch.manual_seed(0)
-    model = build_model("mobilenetv2", num_classes=10, input_size=8)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(32, 3, 8, 8))
-    model.eval()
-    cfg = TrainConfig(model="mobilenetv2", input_size=8)
-    net = convert(model, cfg.space)
-    net.calibrate([torch.rand(16, 3, 8, 8) for _ in range(2)])
-    net.train()
+    net, cfg = _tiny_net(model="mobilenetv2")
     x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
-    specs = choose_subnets(net, random.Random(0), cfg)
-    net.zero_grad(set_to_none=True)
-    seq_loss = sandwich_step(net, net, x, y, specs, cfg)
-    seq = _grads(net)
-    net.zero_grad(set_to_none=True)
-    stk_loss = stacked_sandwich_step(net, net, x, y, specs, cfg)
-    stk = _grads(net)
+    (seq_loss, seq), (stk_loss, stk) = _both_ways(net, cfg, x, y, 0)
     assert stk_loss == pytest.approx(seq_loss, rel=1e-4)
     assert seq.keys() == stk.keys()
     rel = sorted(float((seq[n] - stk[n]).norm() / seq[n].norm()) for n in seq if n.endswith(".weight"))
