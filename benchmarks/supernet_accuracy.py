@@ -314,6 +314,26 @@ def print_seed_summary(results: list[SettingResult]) -> None:
               f"{miss[3]} | {miss[2]} | {worse} | {r.step_supernet / r.step_fp32:.2f}x |")
 
 
+def _seed_job(job: tuple, seed: int) -> SettingResult:
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    return run_setting(*job, seed)
+
+
+def _run_seeds(args, job: tuple, seeds: list[int]):
+    """run_setting(*job, seed) per seed, in seed order: here, or in --jobs processes (spawned:
+    a forked torch may hang in its thread pool)."""
+    if args.jobs <= 1 or len(seeds) == 1:
+        for seed in seeds:
+            yield run_setting(*job, seed)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_seed_job, [job] * len(seeds), seeds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -330,6 +350,9 @@ def main() -> None:
     ap.add_argument("--calibration", default=TrainConfig.calibration, help="search | minmax | hybrid")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run in this many processes at once (1 torch thread each; the accuracies "
+                         "do not change, the step-time column then shares the cores: quote step_time.py)")
     ap.add_argument("--distill", action="store_true", help="train with the FP32 model as the GPG head's teacher")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -344,9 +367,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deployq-bench-") as tmp:
         for title, size, width, lr in settings:
             results = []
-            for seed in args.seeds or [args.seed]:
-                results.append(run_setting(title, size, width, lr, args, Path(tmp), seed))
-                print_setting(title, results[-1], args, f"seed {seed}")
+            for r in _run_seeds(args, (title, size, width, lr, args, Path(tmp)), args.seeds or [args.seed]):
+                results.append(r)
+                print_setting(title, r, args, f"seed {r.seed}")
             if len(results) > 1:
                 print_setting(title, mean_result(results), args, f"mean of {len(results)} seeds")
                 print_seed_summary(results)
