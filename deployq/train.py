@@ -860,7 +860,7 @@ def train(config: TrainConfig, progress: bool = True):
             teacher = build_model(cfg.model, **model_args)
             teacher.load_state_dict(extra["teacher"])
             teacher = frozen_teacher(teacher, d.device)
-        elif cfg.distill:
+        elif cfg.distill and start_epoch < cfg.epochs:
             say("this checkpoint stores no FP32 teacher: resuming without distillation")
     else:
         model = build_model(cfg.model, **model_args)
@@ -944,8 +944,9 @@ def train(config: TrainConfig, progress: bool = True):
                 cfg.out,
                 net,
                 _meta(cfg, data, model_args, epoch + 1, metrics),
-                _extra(teacher, stage="supernet", epoch=epoch + 1, optimizer=opt.state_dict(),
-                       scheduler=sched.state_dict()),
+                # the teacher rides along while there are epochs left to resume
+                _extra(teacher if epoch + 1 < cfg.epochs else None, stage="supernet", epoch=epoch + 1,
+                       optimizer=opt.state_dict(), scheduler=sched.state_dict()),
             )
         _barrier(d)
 
@@ -957,7 +958,7 @@ def train(config: TrainConfig, progress: bool = True):
             cfg.out,
             net,
             _meta(cfg, data, model_args, cfg.epochs, metrics),
-            _extra(teacher, stage="supernet", epoch=cfg.epochs, optimizer=opt.state_dict(),
+            _extra(None, stage="supernet", epoch=cfg.epochs, optimizer=opt.state_dict(),
                    scheduler=sched.state_dict()),
         )
         _print_final(say, metrics)
@@ -976,7 +977,7 @@ def frozen_teacher(model: nn.Module, device) -> nn.Module:
 
 
 def _extra(teacher: nn.Module | None, **state) -> dict[str, Any]:
-    """The checkpoint's training state; the teacher's weights ride along for --resume."""
+    """The checkpoint's training state; the teacher's weights (if given) ride along for --resume."""
     if teacher is not None:
         state["teacher"] = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
     return state

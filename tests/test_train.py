@@ -107,6 +107,8 @@ def test_resume_continues_the_epoch_count_and_matches_an_uninterrupted_run(tiny_
     resumed = train(replace_cfg(base, out=str(part), resume=True), progress=False)
     ckpt = load_checkpoint(part)
     assert ckpt.meta.epoch == 2 and [r["epoch"] for r in ckpt.meta.metrics["epochs"]] == [1, 2]
+    assert "teacher" not in read_payload(part)["extra"]  # a finished run does not carry the FP32 model
+    assert "teacher" not in read_payload(full)["extra"]
     a, b = ref.net.state_dict(), resumed.net.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
