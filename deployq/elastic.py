@@ -223,18 +223,12 @@ class ActQuantizer(_CachingQuantizer):
         tensor this quantizer already quantized at this spec (a tensor several layers
         read) is not quantized again: the same output is returned, so autograd sums the
         readers' gradients and runs one backward."""
-        memo = _FORWARD_MEMO.get()
-        if memo is not None:
-            key = (id(self), id(x), x._version, spec, torch.is_grad_enabled())
-            hit = memo.get(key)
-            if hit is not None and hit[0] is x:
-                return hit[1]
-        raw_s, raw_z, zero_offset = self._cell(spec)
-        g = lsq_grad_factor(spec.qmax, x.numel())
-        out = fake_quant_learned(x, raw_s, raw_z, spec.qmin, spec.qmax, g, MIN_SCALE, None, zero_offset)
-        if memo is not None:
-            memo[key] = (x, out)  # x kept alive: its id stays unique during the forward
-        return out
+        def compute():
+            raw_s, raw_z, zero_offset = self._cell(spec)
+            g = lsq_grad_factor(spec.qmax, x.numel())
+            return fake_quant_learned(x, raw_s, raw_z, spec.qmin, spec.qmax, g, MIN_SCALE, None, zero_offset)
+
+        return memoised(self, x, spec, compute)
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, method: str = "search") -> None:
@@ -278,6 +272,21 @@ def _subsample(x: torch.Tensor, n: int = 1 << 14) -> torch.Tensor:
 
 # Set by ElasticNet.forward: quantizer outputs of the running forward (see quantize_with_scale).
 _FORWARD_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("deployq_forward_memo", default=None)
+
+
+def memoised(quantizer, x: torch.Tensor, specs, compute):
+    """compute() for (quantizer, x, specs), once per ElasticNet forward (see
+    ActQuantizer.quantize_with_scale; deployq.stacked quantizes k slices the same way)."""
+    memo = _FORWARD_MEMO.get()
+    if memo is None:
+        return compute()
+    key = (id(quantizer), id(x), x._version, specs, torch.is_grad_enabled())
+    hit = memo.get(key)
+    if hit is not None and hit[0] is x:
+        return hit[1]
+    out = compute()
+    memo[key] = (x, out)  # x kept alive: its id stays unique during the forward
+    return out
 
 
 class _Int32Bias(torch.autograd.Function):

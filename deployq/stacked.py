@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# elastic imports this module inside its forward only, so these names are ready here
+from deployq.elastic import MIN_SCALE, ElasticConv2d, memoised
 from deployq.kernels import fq as _kernel
 from deployq.quant import lsq_grad_factor
 
@@ -82,10 +84,6 @@ def make_plan(slices: tuple, rows_per_slice: int) -> RowsPlan:
                     torch.tensor(qmin), torch.tensor(qmax), torch.tensor(gf), tuple(sizes))
 
 
-def _mode(raw_z, zero_offset: bool) -> int:
-    return 2 if raw_z is not None else (1 if zero_offset else 0)
-
-
 _ONE = torch.ones(1)  # the raw step size of a passing slice (never read: mode 3)
 
 
@@ -112,6 +110,8 @@ class Cells:
         d["zeros"] = _zeros(self.plan.nc)
         d["shapes"] = tuple(None if s is None else (s.shape, None if z is None else z.shape)
                             for s, z in zip(self.raws, self.zs))
+        # the Parameters as the autograd Functions take them: (s, z) per slice
+        d["params"] = tuple(t for pair in zip(self.raws, self.zs) for t in pair)
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.__dict__
@@ -150,7 +150,7 @@ def act_cells(q, specs: tuple, numel: int) -> Cells:
                 zs.append(None)
                 continue
             raw_s, raw_z, zero_offset = q._cell(spec)
-            slices.append((1, _mode(raw_z, zero_offset), float(spec.qmin), float(spec.qmax),
+            slices.append((1, _kernel.mode_of(raw_z, zero_offset), float(spec.qmin), float(spec.qmax),
                            lsq_grad_factor(spec.qmax, numel)))
             raws.append(raw_s)
             zs.append(raw_z)
@@ -167,7 +167,7 @@ def weight_cells(wq, specs: tuple, weight: torch.Tensor) -> Cells:
         slices, raws, zs = [], [], []
         for spec in specs:
             raw_s, raw_z, g = wq._cell(spec, numel)
-            slices.append((raw_s.numel(), _mode(raw_z, False), float(spec.qmin), float(spec.qmax), g))
+            slices.append((raw_s.numel(), _kernel.mode_of(raw_z, False), float(spec.qmin), float(spec.qmax), g))
             raws.append(raw_s)
             zs.append(raw_z)
         return Cells(make_plan(tuple(slices), o), tuple(raws), tuple(zs))
@@ -183,8 +183,6 @@ class RowsFQ:
 
     def forward(self, x, xr: int, r: int, cells: Cells, need_z: bool):
         """(out [r, k], scale [nc])."""
-        from deployq.elastic import MIN_SCALE
-
         raw_s, raw_z = cells.flat()
         got = _kernel.rows_forward(x, xr, r, cells.plan, raw_s, raw_z, MIN_SCALE, need_z)
         if got is None:
@@ -195,8 +193,6 @@ class RowsFQ:
 
     def backward(self, g, out, x, need_x: bool, need_s: bool, gx=None):
         """(d rows or None, [d raw_s per slice], [d raw_z per slice])."""
-        from deployq.elastic import MIN_SCALE
-
         cells = self.cells
         gr, gs, gz = _kernel.rows_backward(g, self.t, out, x, self.xr, cells.plan, self.scale, self.zmask,
                                            self.raw_s, MIN_SCALE, need_x, need_s, gx)
@@ -232,28 +228,14 @@ class _StackedFQ(torch.autograd.Function):
         return (gx.view_as(x) if gx is not None else None, None, *grads)
 
 
-def _params(cells: Cells) -> list:
-    return [t for pair in zip(cells.raws, cells.zs) for t in pair]
-
-
 def _stacked_fq(q, x: torch.Tensor, specs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """x's k slices quantized by activation quantizer q at specs[j] (None: unchanged),
     memoised within one forward like ActQuantizer.quantize_with_scale."""
-    from deployq.elastic import _FORWARD_MEMO
+    def compute():
+        cells = act_cells(q, specs, x.numel() // len(specs))
+        return _StackedFQ.apply(x.contiguous(), cells, *cells.params)
 
-    memo = _FORWARD_MEMO.get()
-    key = (id(q), id(x), x._version, specs, torch.is_grad_enabled(), "stack")
-    if memo is not None:
-        hit = memo.get(key)
-        if hit is not None and hit[0] is x:
-            return hit[1]
-    if not x.is_contiguous():
-        x = x.contiguous()
-    cells = act_cells(q, specs, x.numel() // len(specs))
-    out = _StackedFQ.apply(x, cells, *_params(cells))
-    if memo is not None:
-        memo[key] = (x, out)  # x kept alive: its id stays unique during the forward
-    return out
+    return memoised(q, x, specs, compute)  # a tuple of specs: never a single spec's key
 
 
 def quant_inputs(q, x: torch.Tensor, acts: tuple, stored_bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,10 +277,10 @@ def weighted_forward(m, x: torch.Tensor) -> torch.Tensor:
         a_params = [None] * (2 * k)
     else:
         a_cells, s_a = act_cells(m.aq, acts, x.numel() // k), None
-        a_params = _params(a_cells)
+        a_params = a_cells.params
     w_cells = weight_cells(m.wq, tuple(ls.weight for ls in stack), m.weight)
     return _StackedQuantConv.apply(x, m.weight, m.bias, s_a, (a_cells, w_cells, conv, k), *a_params,
-                                   *_params(w_cells))
+                                   *w_cells.params)
 
 
 class _StackedQuantConv(torch.autograd.Function):
@@ -381,8 +363,6 @@ class _StackedQuantConv(torch.autograd.Function):
 def max_conv_floats(net, x: torch.Tensor) -> int:
     """The most floats per image any elastic conv of `net` reads, from one float forward
     of x (one image is enough)."""
-    from deployq.elastic import ElasticConv2d
-
     most = [0]
 
     def hook(_m, args):

@@ -14,6 +14,11 @@ from deployq.kernels import get
 _F32 = torch.float32
 
 
+def mode_of(z, zero_offset: bool) -> int:
+    """The kernels' zero-point mode: 2 a zero-point tensor, 1 a fixed 0 (zero_offset), 0 none."""
+    return 2 if z is not None else (1 if zero_offset else 0)
+
+
 def _dense(t: torch.Tensor) -> bool:
     # is_cpu rather than device.type: this runs ~10 times per fake-quant, ~0.3 us each
     return t.dtype is _F32 and t.is_cpu and t.is_contiguous()
@@ -45,7 +50,7 @@ def forward(x, s, z, qmin: int, qmax: int, zero_offset: bool):
         return None
     t = torch.empty_like(x)
     out = torch.empty_like(x)
-    mode = 2 if z is not None else (1 if zero_offset else 0)
+    mode = mode_of(z, zero_offset)
     lib.deployq_fq_forward(
         x.data_ptr(), t.data_ptr(), out.data_ptr(), c, x.numel() // c, s.data_ptr(),
         z.data_ptr() if z is not None else None, mode, float(qmin), float(qmax),
@@ -99,7 +104,7 @@ def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axi
     out = torch.empty_like(x)
     scale = torch.empty_like(raw_s)
     zmask = torch.empty_like(raw_z) if raw_z is not None and need_z else None
-    mode = 2 if raw_z is not None else (1 if zero_offset else 0)
+    mode = mode_of(raw_z, zero_offset)
     lib.deployq_lfq_forward(
         x.data_ptr(), t.data_ptr(), out.data_ptr(), c, x.numel() // c, raw_s.data_ptr(),
         raw_z.data_ptr() if raw_z is not None else None, mode, float(qmin), float(qmax), float(min_scale),
