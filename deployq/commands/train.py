@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         ] = 0.0,
         warmup_epochs: Annotated[
             int, typer.Option(help="FP32 warm-up epochs (without --pretrained).")
-        ] = 20,
+        ] = 80,
         warmup_lr: Annotated[
             float, typer.Option(help="SGD learning rate of the FP32 warm-up.")
         ] = 0.05,
