@@ -76,8 +76,8 @@ class TrainConfig:
     lr_ramp_epochs: float = 0.0
     # FP32 epochs when no pretrained state_dict is given. 20 left ResNet-20 on digits short of
     # its optimum (16x16: 98.61-99.44 over five seeds, 8x8: 97.22-98.61; 80: 99.17-99.44 and
-    # 98.89-99.44 on the seeds tried), and the supernet fine-tuned from an unconverged model
-    # drifted 0.3-0.9 points below it at 4-8 bits (README, "Supernet accuracy").
+    # 98.89-99.44 on the same seeds), and the supernet fine-tuned from an unconverged model
+    # drifted 0.6-0.9 points below it at 4-8 bits on three seeds of five (README, "Supernet accuracy").
     warmup_epochs: int = 80
     warmup_lr: float = 0.05  # SGD (momentum 0.9, nesterov), cosine to 0
     input_size: int | None = None  # None: the data's default (digits: 16)
