@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from same_math import assert_same_forward_and_grads, bits, grads
 
@@ -39,9 +39,25 @@ def _raw(spec: QuantSpec, c: int, seed: int):
     return raw_s, raw_z
 
 
+def _reference_sums_in_double(x0, sv, zarg, spec: QuantSpec, gf: float, gout, s0):
+    """The composite's step-size and zero-point gradients with its per-element terms (float32,
+    rounded as its forward rounds) summed in double. Its own float32 sum of terms up to
+    qmax * |gout| that cancel can be off by 1e-3 relative (8 bits, seed 762: 0.27380 against
+    0.27403 in float64), more than the fused op, which sums in double."""
+    se = sv.detach().expand(x0.shape).clone().requires_grad_()
+    ze = zarg.detach().expand(x0.shape).clone().requires_grad_()
+    (fake_quant_reference(x0, se, ze, spec.qmin, spec.qmax, gf) * gout).sum().backward()
+    dims = (1, 2, 3) if spec.per_channel else (0, 1, 2, 3)
+    g_sv, g_z = se.grad.double().sum(dims), ze.grad.double().sum(dims)
+    # through |s|.clamp(min=MIN_SCALE): the sign of s where it is above the floor, else 0
+    chain = torch.sign(s0).double() * (s0.abs() > MIN_SCALE).double()
+    return (g_sv * chain).float(), g_z.float().reshape(s0.shape)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), k=st.integers(0, len(SPECS) - 1), gf=st.sampled_from([1.0, 0.3]),
        zero_offset=st.booleans())
+@example(seed=762, k=15, gf=1.0, zero_offset=False)  # the float32 composite's sum was off by 2e-4 here
 def test_learned_fake_quant_matches_the_composite_through_abs_and_clamp(seed, k, gf, zero_offset):
     spec = SPECS[k]
     g = torch.Generator().manual_seed(seed)
@@ -71,9 +87,10 @@ def test_learned_fake_quant_matches_the_composite_through_abs_and_clamp(seed, k,
     plain = fake_quant(x0, sv.detach(), None if spec.symmetric else zarg.detach(), spec.qmin, spec.qmax)
     assert torch.equal(bits(out), bits(plain))
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s.grad, sr.grad, rtol=1e-4, atol=1e-4)
+    g_s, g_z = _reference_sums_in_double(x0, sv, zarg, spec, gf, gout, s0)
+    torch.testing.assert_close(s.grad, g_s, rtol=1e-4, atol=1e-4)
     if learned_z:
-        torch.testing.assert_close(z.grad, zr.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(z.grad, g_z, rtol=1e-4, atol=1e-4)
     else:
         assert z.grad is None
 
