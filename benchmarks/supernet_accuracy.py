@@ -188,6 +188,7 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path, s
         threads=1,
         seed=seed,
         calibration=args.calibration,
+        lowest_bits_pool=args.lowest_bits_pool,
         distill=args.distill,
     )
     say = _Printer(True)
@@ -296,7 +297,8 @@ def print_setting(title: str, r: SettingResult, args, what: str) -> None:
           f"sandwich, 3 subnets) {1000 * r.step_supernet:.1f} ms = {r.step_supernet / r.step_fp32:.2f}x "
           "(target <= 3.5x).")
     print(f"({what} took {r.seconds:.0f} s; supernet {args.epochs} epochs from the FP32 weights, "
-          f"weight lr {r.lr_weights:g}{', FP32 teacher' if args.distill else ''})")
+          f"weight lr {r.lr_weights:g}{', FP32 teacher' if args.distill else ''}"
+          f"{f', lowest subnet from the {args.lowest_bits_pool} lowest bit-widths' if args.lowest_bits_pool > 1 else ''})")
 
 
 def print_seed_summary(results: list[SettingResult]) -> None:
@@ -348,6 +350,8 @@ def main() -> None:
                     help="run each setting once per seed (its own FP32 model and trainings), print each "
                          "seed's table and the table of means over the seeds")
     ap.add_argument("--calibration", default=TrainConfig.calibration, help="search | minmax | hybrid")
+    ap.add_argument("--lowest-bits-pool", type=int, default=TrainConfig.lowest_bits_pool,
+                    help="the sandwich's lowest subnet draws its bits from the space's N lowest")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
     ap.add_argument("--jobs", type=int, default=1,

@@ -421,3 +421,32 @@ def test_supernet_schedule_ramps_then_decays():
 def test_negative_lr_ramp_is_refused():
     with pytest.raises(UserError, match="lr_ramp_epochs"):
         TrainConfig(lr_ramp_epochs=-1)
+
+
+def test_lowest_bits_pool_draws_the_lowest_subnet_from_the_n_lowest_widths():
+    import random
+
+    from deployq.elastic import convert
+    from deployq.train import choose_subnets
+
+    cfg = TrainConfig(input_size=8, width=4)
+    net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), cfg.space)
+
+    def lowest_bits(pool):
+        c = TrainConfig(input_size=8, width=4, lowest_bits_pool=pool)
+        out = set()
+        for seed in range(60):
+            low = choose_subnets(net, random.Random(seed), c)[2]
+            elastic = [ls for n, ls in low.layers.items() if n not in net.fixed_layers]
+            out |= {(ls.weight.bits, ls.act.bits) for ls in elastic if ls.weight is not None}
+        return out
+
+    assert lowest_bits(1) == {(2, 2)}
+    assert lowest_bits(2) == {(2, 2), (3, 3)}
+    assert lowest_bits(3) == {(2, 2), (3, 3), (4, 4)}
+    # the extra draw comes last: the highest and random subnets are the ones pool 1 picks
+    for seed in range(10):
+        one, two = (choose_subnets(net, random.Random(seed), TrainConfig(lowest_bits_pool=n)) for n in (1, 2))
+        assert one[:2] == two[:2]
+    with pytest.raises(UserError, match="lowest_bits_pool"):
+        TrainConfig(lowest_bits_pool=0)
