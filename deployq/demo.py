@@ -63,9 +63,11 @@ DEFAULT = DemoSettings(
     search_samples=300, generations=30, population=100, parents=25, top_k=5,
     latency_warmup=10, latency_iters=100,
 )
-# Must finish in under 2 minutes on 2 cores (a test runs it).
+# Must finish in under 2 minutes on 2 cores (a test runs it). Six FP32 epochs, not three:
+# after three the float net sat at 75-88% on val depending on the seed and the CPU (one
+# supernet epoch then moves it by several points), too close to the 80% its test asks for.
 FAST = DemoSettings(
-    input_size=8, width=8, warmup_epochs=3, epochs=1, bits=(2, 4, 8),
+    input_size=8, width=8, warmup_epochs=6, epochs=1, bits=(2, 4, 8),
     search_samples=24, generations=4, population=16, parents=4, top_k=2,
     latency_warmup=3, latency_iters=20,
 )
