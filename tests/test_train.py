@@ -254,7 +254,8 @@ def test_cli_train_defaults_are_the_library_defaults():
     params = inspect.signature(fn).parameters
     cfg = TrainConfig()
     pairs = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr_weights", "lr_quant": "lr_quant",
-             "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr", "lr_ramp_epochs": "lr_ramp_epochs"}
+             "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr", "lr_ramp_epochs": "lr_ramp_epochs",
+             "lowest_bits_pool": "lowest_bits_pool"}
     for cli_name, field in pairs.items():
         assert params[cli_name].default == getattr(cfg, field), cli_name
     for flag, field in {"no_wdr": "wdr", "no_gpg": "gpg"}.items():

@@ -107,6 +107,13 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(help="A plain FP32 state_dict of the model: skips the warm-up."),
         ] = None,
+        lowest_bits_pool: Annotated[
+            int,
+            typer.Option(
+                help="The sandwich's lowest subnet draws its bit-width from the space's N lowest "
+                "(1: always the lowest, as EQ-Net; 2 trains 3-bit subnets directly)."
+            ),
+        ] = 2,
         lr_ramp_epochs: Annotated[
             float,
             typer.Option(
@@ -177,6 +184,7 @@ def register(app: typer.Typer) -> None:
             wdr=not no_wdr,
             gpg=not no_gpg,
             distill=distill,
+            lowest_bits_pool=lowest_bits_pool,
             grad_l1_w=grad_l1,
             grad_l1_a=grad_l1_act,
             grad_l1_last=grad_l1_last,
