@@ -139,9 +139,13 @@ def step_times(model_fp32, net, cfg: TrainConfig, size: int, repeats: int,
         F.cross_entropy(fp(x), y).backward()
         opt_fp.step()
 
+    # Warm up on the very subnets the timed steps draw: a sandwich's stacked cells are
+    # built the first time its combination of subnets comes up and cached for the rest of
+    # training (deployq/stacked.py), so a cold first pass would time the builds.
     for i in range(3):
         fp_step()
-        q_step(i)
+    for i in range(repeats):
+        q_step(100 + i)
     tf, tq = [], []
     for i in range(repeats):
         t = time.perf_counter()
@@ -296,7 +300,8 @@ def print_setting(title: str, r: SettingResult, args, what: str) -> None:
     print(f"Training step, batch {TrainConfig.batch_size}, 1 thread: FP32 {1000 * r.step_fp32:.1f} ms, supernet (GPG "
           f"sandwich, 3 subnets) {1000 * r.step_supernet:.1f} ms = {r.step_supernet / r.step_fp32:.2f}x "
           "(target <= 3.5x).")
-    print(f"({what} took {r.seconds:.0f} s; supernet {args.epochs} epochs from the FP32 weights, "
+    took = f"{what} took {r.seconds:.0f} s" + (" of compute, summed over the seeds" if what.startswith("mean") else "")
+    print(f"({took}; supernet {args.epochs} epochs from the FP32 weights, "
           f"weight lr {r.lr_weights:g}{', FP32 teacher' if args.distill else ''}"
           f"{f', lowest subnet from the {args.lowest_bits_pool} lowest bit-widths' if args.lowest_bits_pool > 1 else ''})")
 
