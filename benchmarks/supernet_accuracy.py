@@ -16,19 +16,26 @@ Per setting one markdown table of val top-1 (%):
 - the supernet's training step time relative to an FP32 step (same batch, interleaved,
   median of repeats, one thread).
 
-Run:  python benchmarks/supernet_accuracy.py [--epochs N] [--quick]
-About 10 minutes per seed at 16x16 and 3.5 at 8x8 on one core (80 FP32 + 60 supernet epochs,
-plus the dedicated and ablation runs); `--jobs N` runs seeds in N processes.
+Run:  python benchmarks/supernet_accuracy.py [--only 16|8] [--seeds 0 1 2 ...] [--jobs 2]
+                                             [--results DIR] [--epochs N] ...
+About 19 minutes per seed at 16x16 and 5.5 at 8x8 on one core of an Intel Xeon (10 and 3.5
+on an AMD machine; 80 FP32 + 60 supernet epochs, plus the dedicated and ablation runs);
+`--jobs N` runs seeds in N processes. `--results DIR` keeps each finished seed there and
+reuses it on the next run with the same options and the same source (deployq/ and this
+file, hashed): a run killed after some seeds picks up at the first seed it had not finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -173,6 +180,54 @@ class SettingResult:
     step_supernet: float
     seconds: float
     lr_weights: float
+
+
+def result_to_json(r: SettingResult) -> dict:
+    d = asdict(r)
+    d["ded"] = [[b, lab, v] for (b, lab), v in r.ded.items()]  # JSON keys cannot be tuples
+    return d
+
+
+def result_from_json(d: dict) -> SettingResult:
+    def bits(row: dict) -> dict[int, float]:
+        return {int(b): v for b, v in row.items()}
+
+    def rows(table: dict) -> dict[str, dict[int, float]]:
+        return {lab: bits(row) for lab, row in table.items()}
+
+    return SettingResult(
+        seed=d["seed"], fp32=d["fp32"], sup=rows(d["sup"]), trt=bits(d["trt"]),
+        ptq={m: rows(t) for m, t in d["ptq"].items()}, ded={(b, lab): v for b, lab, v in d["ded"]},
+        abl=rows(d["abl"]), step_fp32=d["step_fp32"], step_supernet=d["step_supernet"],
+        seconds=d["seconds"], lr_weights=d["lr_weights"],
+    )
+
+
+# The options that change what a seed measures (not --only, --seeds, --jobs, --verbose).
+_MEASURING = ("epochs", "warmup_epochs", "warmup_lr", "lr", "lr_quant", "lr_ramp_epochs", "calibration",
+              "lowest_bits_pool", "distill", "repeats")
+
+
+def source_digest() -> str:
+    """A saved seed is only reused by the code that measured it: hash of deployq's sources and this file."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(p for p in (root / "deployq").rglob("*") if p.suffix in (".py", ".c", ".toml"))
+    for f in [*files, Path(__file__).resolve()]:
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def result_path(results: Path, args, size: int, seed: int, digest: str) -> Path:
+    opts = json.dumps({k: getattr(args, k) for k in _MEASURING} | {"size": size, "source": digest}, sort_keys=True)
+    return results / f"{size}x{size}-seed{seed}-{hashlib.sha256(opts.encode()).hexdigest()[:12]}.json"
+
+
+def save_result(path: Path, r: SettingResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(result_to_json(r)))
+    os.replace(tmp, path)  # a killed run leaves no half-written seed behind
 
 
 def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path, seed: int) -> SettingResult:
@@ -363,6 +418,9 @@ def main() -> None:
                     help="seeds run in this many processes at once (1 torch thread each; the accuracies "
                          "do not change, the step-time column then shares the cores: quote step_time.py)")
     ap.add_argument("--distill", action="store_true", help="train with the FP32 model as the GPG head's teacher")
+    ap.add_argument("--results", type=Path, metavar="DIR",
+                    help="keep each finished seed in DIR and reuse it when run again with the same options "
+                         "and the same source")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -375,11 +433,28 @@ def main() -> None:
     if args.only:
         settings = [s for s in settings if str(s[1]) == args.only]
     with tempfile.TemporaryDirectory(prefix="deployq-bench-") as tmp:
+        digest = source_digest() if args.results else ""
         for title, size, width, lr in settings:
+            seeds = args.seeds or [args.seed]
+            saved = {}
+            if args.results:
+                for seed in seeds:
+                    path = result_path(args.results, args, size, seed, digest)
+                    if path.exists():
+                        saved[seed] = result_from_json(json.loads(path.read_text()))
             results = []
-            for r in _run_seeds(args, (title, size, width, lr, args, Path(tmp)), args.seeds or [args.seed]):
+            for seed in seeds:
+                if seed in saved:
+                    results.append(saved[seed])
+                    print(f"[{title}, seed {seed}] read from {args.results} (measured by an earlier run)")
+                    print_setting(title, saved[seed], args, f"seed {seed}")
+            todo = [seed for seed in seeds if seed not in saved]
+            for r in _run_seeds(args, (title, size, width, lr, args, Path(tmp)), todo) if todo else ():
+                if args.results:
+                    save_result(result_path(args.results, args, size, r.seed, digest), r)
                 results.append(r)
                 print_setting(title, r, args, f"seed {r.seed}")
+            results.sort(key=lambda r: seeds.index(r.seed))
             if len(results) > 1:
                 print_setting(title, mean_result(results), args, f"mean of {len(results)} seeds")
                 print_seed_summary(results)

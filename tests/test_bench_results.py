@@ -1,0 +1,67 @@
+"""benchmarks/supernet_accuracy.py --results: a finished seed saved and read back whole."""
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "supernet_accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("supernet_accuracy_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    del sys.modules[spec.name]
+
+
+def _result(bench, seed=3):
+    labs = [lab for lab, _ in bench.WEIGHT_FORMS]
+    row = {b: 90.0 + b / 7 for b in bench.BITS}
+    return bench.SettingResult(
+        seed=seed, fp32=99.17, sup={lab: dict(row) for lab in labs}, trt={b: 80.0 + b for b in bench.BITS},
+        ptq={m: {lab: dict(row) for lab in labs} for m in ("minmax", "search")},
+        ded={(2, labs[2]): 98.31, (4, labs[2]): 98.75, (2, labs[1]): 98.03},
+        abl={lab: dict(row) for lab in labs}, step_fp32=0.0154, step_supernet=0.0523, seconds=318.5,
+        lr_weights=4e-3,
+    )
+
+
+def _args(bench, **kw):
+    args = argparse.Namespace(**{k: None for k in bench._MEASURING})
+    for k, v in {"epochs": 60, "lowest_bits_pool": 2, "repeats": 15, **kw}.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_saved_seed_reads_back_equal(bench, tmp_path):
+    r = _result(bench)
+    path = bench.result_path(tmp_path / "res", _args(bench), 8, r.seed, "abc")
+    bench.save_result(path, r)
+    back = bench.result_from_json(json.loads(path.read_text()))
+    assert back == r  # int bit keys and (bits, label) keys restored, not left as strings
+    assert [p.name for p in (tmp_path / "res").iterdir()] == [path.name]  # no .partial left
+
+
+def test_saved_seed_is_keyed_by_what_changes_the_measurement(bench, tmp_path):
+    base = bench.result_path(tmp_path, _args(bench), 8, 0, "abc")
+    assert base == bench.result_path(tmp_path, _args(bench), 8, 0, "abc")
+    others = [
+        bench.result_path(tmp_path, _args(bench, epochs=40), 8, 0, "abc"),
+        bench.result_path(tmp_path, _args(bench, lowest_bits_pool=1), 8, 0, "abc"),
+        bench.result_path(tmp_path, _args(bench), 16, 0, "abc"),
+        bench.result_path(tmp_path, _args(bench), 8, 1, "abc"),
+        bench.result_path(tmp_path, _args(bench), 8, 0, "abd"),  # other source
+    ]
+    assert base not in others and len(set(others)) == len(others)
+
+
+def test_source_digest_follows_the_source(bench):
+    assert bench.source_digest() == bench.source_digest()
+    assert len(bench.source_digest()) == 16
