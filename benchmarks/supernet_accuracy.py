@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import statistics
 import tempfile
@@ -45,6 +44,7 @@ from deployq.alloc import keep_freed_memory
 from deployq.data import load_data
 from deployq.elastic import convert
 from deployq.evaluate import evaluate, form_key
+from deployq.fileio import write_text
 from deployq.models import build_model
 from deployq.spec import ElasticSpace, Form
 from deployq.train import (
@@ -225,9 +225,7 @@ def result_path(results: Path, args, size: int, seed: int, digest: str) -> Path:
 
 def save_result(path: Path, r: SettingResult) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(result_to_json(r)))
-    os.replace(tmp, path)  # a killed run leaves no half-written seed behind
+    write_text(path, json.dumps(result_to_json(r)))  # atomic: a killed run leaves no half-written seed
 
 
 def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path, seed: int) -> SettingResult:
@@ -355,7 +353,7 @@ def print_setting(title: str, r: SettingResult, args, what: str) -> None:
     print(f"Training step, batch {TrainConfig.batch_size}, 1 thread: FP32 {1000 * r.step_fp32:.1f} ms, supernet (GPG "
           f"sandwich, 3 subnets) {1000 * r.step_supernet:.1f} ms = {r.step_supernet / r.step_fp32:.2f}x "
           "(target <= 3.5x).")
-    took = f"{what} took {r.seconds:.0f} s" + (" of compute, summed over the seeds" if what.startswith("mean") else "")
+    took = f"{what} took {r.seconds:.0f} s" + (" of compute, summed over the seeds" if r.seed < 0 else "")
     print(f"({took}; supernet {args.epochs} epochs from the FP32 weights, "
           f"weight lr {r.lr_weights:g}{', FP32 teacher' if args.distill else ''}"
           f"{f', lowest subnet from the {args.lowest_bits_pool} lowest bit-widths' if args.lowest_bits_pool > 1 else ''})")
@@ -385,7 +383,7 @@ def _seed_job(job: tuple, seed: int) -> SettingResult:
 def _run_seeds(args, job: tuple, seeds: list[int]):
     """run_setting(*job, seed) per seed, in seed order: here, or in --jobs processes (spawned:
     a forked torch may hang in its thread pool)."""
-    if args.jobs <= 1 or len(seeds) == 1:
+    if args.jobs <= 1 or len(seeds) <= 1:
         for seed in seeds:
             yield run_setting(*job, seed)
         return
@@ -436,20 +434,16 @@ def main() -> None:
         digest = source_digest() if args.results else ""
         for title, size, width, lr in settings:
             seeds = args.seeds or [args.seed]
-            saved = {}
-            if args.results:
-                for seed in seeds:
-                    path = result_path(args.results, args, size, seed, digest)
-                    if path.exists():
-                        saved[seed] = result_from_json(json.loads(path.read_text()))
-            results = []
+            results, todo = [], []
             for seed in seeds:
-                if seed in saved:
-                    results.append(saved[seed])
-                    print(f"[{title}, seed {seed}] read from {args.results} (measured by an earlier run)")
-                    print_setting(title, saved[seed], args, f"seed {seed}")
-            todo = [seed for seed in seeds if seed not in saved]
-            for r in _run_seeds(args, (title, size, width, lr, args, Path(tmp)), todo) if todo else ():
+                path = result_path(args.results, args, size, seed, digest) if args.results else None
+                if path is None or not path.exists():
+                    todo.append(seed)
+                    continue
+                results.append(result_from_json(json.loads(path.read_text())))
+                print(f"[{title}, seed {seed}] read from {args.results} (measured by an earlier run)")
+                print_setting(title, results[-1], args, f"seed {seed}")
+            for r in _run_seeds(args, (title, size, width, lr, args, Path(tmp)), todo):
                 if args.results:
                     save_result(result_path(args.results, args, size, r.seed, digest), r)
                 results.append(r)
