@@ -198,22 +198,25 @@ class LearnedFQ:
     step size s = clamp(|raw_scale|, min_scale), zero-point raw_zero_point (or a fixed 0
     with zero_offset, or none), both [C] along `axis` of x or [1]."""
 
-    __slots__ = ("a", "bounds", "grad_factor", "min_scale", "s", "s_shape", "t", "z_shape", "zmask")
+    __slots__ = ("a", "bounds", "grad_factor", "min_scale", "qrange", "s", "s_shape", "t", "z", "z_shape",
+                 "zero_offset", "zmask")
 
     def forward(self, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset,
                 need_z: bool):
         """Returns (out, scale [shape of raw_scale]); keeps what backward needs. Contiguous
-        float32 CPU tensors: all of it in one kernel call (deployq.kernels)."""
+        float32 CPU tensors: all of it in one kernel call (deployq.kernels), which keeps
+        no integer grid t: backward recomputes it from x."""
         self.bounds = (qmin - 0.5, qmax + 0.5)  # t is integer-valued: inclusive clamp range
         self.grad_factor, self.min_scale = grad_factor, min_scale
+        self.qrange, self.zero_offset = (qmin, qmax), zero_offset
         self.s_shape = raw_scale.shape
         self.z_shape = None if raw_zero_point is None else raw_zero_point.shape
         fused = _kernel.learned_forward(x, raw_scale, raw_zero_point, qmin, qmax, min_scale, axis, zero_offset,
                                         need_z)
         if fused is not None:
-            # the kernel's layout: s and zmask shaped as the raw cells, a not kept (None)
-            self.t, out, scale, self.zmask = fused
-            self.s, self.a = scale, None
+            # the kernel's layout: s, z and zmask shaped as the raw cells; a and t not kept
+            out, scale, self.z, self.zmask = fused
+            self.s, self.a, self.t = scale, None, None
             return out, scale
         a = raw_scale.abs()
         scale = a.clamp(min=min_scale)
@@ -229,23 +232,29 @@ class LearnedFQ:
             if need_z:
                 zmask = (z == zr).to(z.dtype)  # round(z) inside the grid: z moves
         self.t, out = _fq_forward(x, s, z, qmin, qmax, zero_offset)
-        self.s, self.a, self.zmask = s, a, zmask
+        self.s, self.a, self.z, self.zmask = s, a, z, zmask
         return out, scale
 
     def backward(self, g, out, x, raw_scale, need_x: bool, need_s: bool, reuse_g: bool = False):
-        """(d x, d raw_scale, d raw_zero_point); out and x as in forward (x only if need_s);
-        reuse_g: g may be overwritten (see _fq_backward)."""
-        if self.a is None:  # forward ran the kernel
-            fused = _kernel.learned_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
-                                             raw_scale, self.min_scale, need_x, need_s, reuse_g)
+        """(d x, d raw_scale, d raw_zero_point); out and x as in forward (after the kernel
+        forward x is always read; on the torch path only if need_s); reuse_g: g may be
+        overwritten (see _fq_backward)."""
+        if self.t is None:  # forward ran the kernel
+            fused = _kernel.learned_backward(g, x, self.s, self.z, self.zmask, *self.qrange, self.zero_offset,
+                                             self.grad_factor, raw_scale, self.min_scale, need_x, need_s, reuse_g)
             if fused is not None:
                 return fused
-            # e.g. a traced (create_graph) backward: the torch ops on the torch path's layout
+            # e.g. a traced (create_graph) backward: the torch ops on the torch path's layout,
+            # t recomputed by the same float ops as the kernel's (a constant, as it was)
             self.a = raw_scale.abs()
             if self.s.numel() > 1:
-                self.s = channel_view(self.s, self.t.ndim, 0)
+                self.s = channel_view(self.s, x.ndim, 0)
+            if self.z is not None:
+                self.z = self.z.view(self.s.shape)
             if self.zmask is not None:
                 self.zmask = self.zmask.view(self.s.shape)
+            with torch.no_grad():
+                self.t, _ = _fq_forward(x, self.s, self.z, *self.qrange, self.zero_offset)
         gx, gs, gz = _fq_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
                                   need_x, need_s, reuse_g)
         if gs is not None:
@@ -268,7 +277,8 @@ class _FakeQuantLearned(torch.autograd.Function):
         need_s = ctx.needs_input_grad[1]
         out, scale = fq.forward(x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis,
                                 zero_offset, ctx.needs_input_grad[2])
-        ctx.save_for_backward(out if need_s else None, x if need_s else None, raw_scale if need_s else None)
+        # x always: the kernel's backward recomputes the integer grid from it
+        ctx.save_for_backward(out if need_s else None, x, raw_scale if need_s else None)
         ctx.fq = fq
         ctx.mark_non_differentiable(scale)
         return out, scale

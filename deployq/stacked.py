@@ -179,7 +179,7 @@ class RowsFQ:
     """One deployq_rows_forward call and its backward, for the autograd Functions below
     (as quant.LearnedFQ for a single cell)."""
 
-    __slots__ = ("cells", "raw_s", "scale", "t", "xr", "zmask")
+    __slots__ = ("cells", "raw_s", "scale", "xr", "zmask", "zq")
 
     def forward(self, x, xr: int, r: int, cells: Cells, need_z: bool):
         """(out [r, k], scale [nc])."""
@@ -187,15 +187,15 @@ class RowsFQ:
         got = _kernel.rows_forward(x, xr, r, cells.plan, raw_s, raw_z, MIN_SCALE, need_z)
         if got is None:
             raise RuntimeError("stacked subnets need the compiled fake-quant kernel (deployq.kernels)")
-        self.t, out, self.scale, self.zmask = got
+        out, self.scale, self.zq, self.zmask = got
         self.cells, self.raw_s, self.xr = cells, raw_s, xr
         return out, self.scale
 
-    def backward(self, g, out, x, need_x: bool, need_s: bool, gx=None):
-        """(d rows or None, [d raw_s per slice], [d raw_z per slice])."""
+    def backward(self, g, x, need_x: bool, need_s: bool, gx=None):
+        """(d rows or None, [d raw_s per slice], [d raw_z per slice]); x as forward had it."""
         cells = self.cells
-        gr, gs, gz = _kernel.rows_backward(g, self.t, out, x, self.xr, cells.plan, self.scale, self.zmask,
-                                           self.raw_s, MIN_SCALE, need_x, need_s, gx)
+        gr, gs, gz = _kernel.rows_backward(g, x, self.xr, cells.plan, self.scale, self.zq, self.zmask, self.raw_s,
+                                           MIN_SCALE, need_x, need_s, gx)
         return gr, cells.split(gs, 0), cells.split(gz, 1)
 
 
@@ -211,7 +211,7 @@ class _StackedFQ(torch.autograd.Function):
         k = len(cells_.raws)
         out, scale = fq.forward(x, k, k, cells_, any(nig[3::2]))
         ctx.fq = fq
-        ctx.save_for_backward(x, out)
+        ctx.save_for_backward(x)
         ctx.mark_non_differentiable(scale)
         return out.view_as(x), scale
 
@@ -219,9 +219,9 @@ class _StackedFQ(torch.autograd.Function):
     def backward(ctx, gout, _gscale):
         if torch.is_grad_enabled():
             raise RuntimeError("stacked subnets do not support double backward (create_graph)")
-        x, out = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         nig = ctx.needs_input_grad
-        gx, g_s, g_z = ctx.fq.backward(gout, out, x, nig[0], any(nig[2::2]))
+        gx, g_s, g_z = ctx.fq.backward(gout, x, nig[0], any(nig[2::2]))
         grads = []
         for j in range(len(g_s)):
             grads += [g_s[j] if nig[2 + 2 * j] else None, g_z[j] if nig[3 + 2 * j] else None]
@@ -312,7 +312,7 @@ class _StackedQuantConv(torch.autograd.Function):
         xg = xq.view(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, k * x.shape[1], *x.shape[2:])
         wg = wq.view(k * o, *weight.shape[1:])
         y = F.conv2d(xg, wg, bq, stride, padding, dilation, groups * k)
-        ctx.save_for_backward(x, weight, xg, wg, sb, xq if afq is not None else None, wq)
+        ctx.save_for_backward(x, weight, xg, wg, sb)
         ctx.state = (afq, wfq, conv, k)
         # back to the stacked batch: [k * B, O, H', W']
         return y.view(b, k, o, *y.shape[2:]).transpose(0, 1).reshape(k * b, o, *y.shape[2:])
@@ -321,7 +321,7 @@ class _StackedQuantConv(torch.autograd.Function):
     def backward(ctx, gout):
         if torch.is_grad_enabled():
             raise RuntimeError("stacked subnets do not support double backward (create_graph)")
-        x, weight, xg, wg, sb, xq, wq = ctx.saved_tensors
+        x, weight, xg, wg, sb = ctx.saved_tensors
         afq, wfq, conv, k = ctx.state
         nig = ctx.needs_input_grad
         stride, padding, dilation, groups = conv
@@ -343,13 +343,13 @@ class _StackedQuantConv(torch.autograd.Function):
             if afq is None:
                 gx = gxq
             else:
-                rows, g_s, g_z = afq.backward(gxq, xq, x, nig[0], need_a, gx=gxq.view(k, -1))
+                rows, g_s, g_z = afq.backward(gxq, x, nig[0], need_a, gx=gxq.view(k, -1))
                 gx = rows.view_as(x) if rows is not None else None
                 for j in range(k):
                     grads[2 * j] = g_s[j] if nig[5 + 2 * j] else None
                     grads[2 * j + 1] = g_z[j] if nig[6 + 2 * j] else None
         if need_wq:
-            rows, g_s, g_z = wfq.backward(gwg, wq, weight, nig[1], need_w, gx=gwg.view(k * o, -1))
+            rows, g_s, g_z = wfq.backward(gwg, weight, nig[1], need_w, gx=gwg.view(k * o, -1))
             if rows is not None:
                 gw = rows.view(k, *weight.shape).sum(0)
             for j in range(k):

@@ -159,7 +159,7 @@ def test_learned_kernel_equals_the_torch_path(use, seed, grid, per_channel, mode
         with torch.no_grad():
             out, scale = fq.forward(x, raw_s, raw_z, qmin, qmax, 0.03, 1e-8, 0 if per_channel else None,
                                     mode == "offset", True)
-            grad = fq.backward(g.clone(), out, x if need_s else None, raw_s, need_x, need_s, reuse)
+            grad = fq.backward(g.clone(), out, x, raw_s, need_x, need_s, reuse)
         assert (fq.a is None) == on  # which path ran
         res.append((out, scale, grad))
     (o1, s1, g1), (o2, s2, g2) = res
@@ -175,6 +175,40 @@ def test_learned_kernel_equals_the_torch_path(use, seed, grid, per_channel, mode
         if a is not None:
             assert a.shape == b.shape
             torch.testing.assert_close(a, b, rtol=1e-5, atol=tol)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), grid=st.sampled_from(GRIDS), per_channel=st.booleans(),
+       mode=st.sampled_from(["sym", "offset", "z"]), k=st.integers(1, 80))
+def test_learned_kernel_recomputes_the_grid_bit_for_bit(use, seed, grid, per_channel, mode, k):
+    """LearnedFQ's kernel keeps no integer grid t: its backward recomputes t and out from
+    x. The gradients are those of the kernel that reads a stored t and out
+    (deployq_fq_backward) bit for bit, the same sums in the same order, so training does
+    not move by a bit. k: row lengths around the 16-float blocks."""
+    qmin, qmax = grid
+    gen = torch.Generator().manual_seed(seed)
+    c = 3 if per_channel else 1
+    x = torch.randn(c, k, generator=gen) * 3
+    raw_s = torch.rand(c, generator=gen) * 0.4 + 0.01  # positive, above MIN_SCALE: scale == raw
+    raw_z = (torch.randint(qmin, qmax + 1, (c,), generator=gen).float() + 0.3) if mode == "z" else None
+    g = torch.randn(c, k, generator=gen)
+    use(True)
+    with torch.no_grad():
+        out, scale, zq, zmask = fq.learned_forward(x, raw_s, raw_z, qmin, qmax, 1e-8, 0, mode == "offset", True)
+        gx, gs, gz = fq.learned_backward(g.clone(), x, scale, zq, zmask, qmin, qmax, mode == "offset", 0.03, raw_s,
+                                         1e-8, True, True, False)
+        s = scale.view(c, 1)
+        z = None if zq is None else zq.view(c, 1)
+        t, ref_out = fq.forward(x, s, z, qmin, qmax, mode == "offset")
+        rx, rs, rz = fq.backward(g.clone(), t, ref_out, x, s, None if zmask is None else zmask.view(c, 1),
+                                 (qmin - 0.5, qmax + 0.5), 0.03, True, True, False)
+    assert torch.equal(bits(out), bits(ref_out))
+    assert torch.equal(bits(gx), bits(rx))
+    assert torch.equal(bits(gs), bits(rs.view(c)))
+    if mode == "z":
+        assert torch.equal(bits(gz), bits(rz.view(c)))
+    else:
+        assert gz is None and rz is None
 
 
 @pytest.mark.parametrize("mode", ["sym", "z"])

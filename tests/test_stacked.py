@@ -57,10 +57,10 @@ def test_rows_match_learned_fq_slice_by_slice(slices, k, seed):
     plan = make_plan(tuple(plan_slices), 1)
     flat_s = torch.cat([c[3] for c in cases])
     flat_z = torch.cat([c[4] if c[4] is not None else torch.zeros(1) for c in cases])
-    t, out, scale, zmask = fq.rows_forward(x, r, r, plan, flat_s, flat_z, MIN_SCALE, True)
+    out, scale, zq, zmask = fq.rows_forward(x, r, r, plan, flat_s, flat_z, MIN_SCALE, True)
     g = torch.randn(r, k)
     with torch.no_grad():
-        gx, gs, gz = fq.rows_backward(g, t, out, x, r, plan, scale, zmask, flat_s, MIN_SCALE, True, True)
+        gx, gs, gz = fq.rows_backward(g, x, r, plan, scale, zq, zmask, flat_s, MIN_SCALE, True, True)
     for j, (mode, lo, hi, raw_s, raw_z, zo, gf) in enumerate(cases):
         if mode == 3:
             assert torch.equal(out[j], x[j]) and torch.equal(gx[j], g[j])
@@ -96,10 +96,10 @@ def test_weight_rows_quantize_one_weight_with_several_cells(forms):
     plan = make_plan(tuple((n, m, float(lo), float(hi), gf) for n, m, lo, hi, _, _, gf in specs), o)
     flat_s = torch.cat([s[4] for s in specs])
     flat_z = torch.cat([s[5] if s[5] is not None else torch.zeros(s[0]) for s in specs])
-    t, out, scale, zmask = fq.rows_forward(w, o, len(specs) * o, plan, flat_s, flat_z, MIN_SCALE, True)
+    out, scale, zq, zmask = fq.rows_forward(w, o, len(specs) * o, plan, flat_s, flat_z, MIN_SCALE, True)
     g = torch.randn(len(specs) * o, kk)
     with torch.no_grad():
-        gx, gs, gz = fq.rows_backward(g, t, out, w, o, plan, scale, zmask, flat_s, MIN_SCALE, True, True)
+        gx, gs, gz = fq.rows_backward(g, w, o, plan, scale, zq, zmask, flat_s, MIN_SCALE, True, True)
     off = 0
     for j, (n, _m, lo, hi, raw_s, raw_z, gf) in enumerate(specs):
         ref = LearnedFQ()

@@ -4,6 +4,9 @@
  * Layout: x is [C, K] (C = 1: per-tensor; C > 1: per channel along axis 0).
  * The float ops are those of the torch path in the same order, so the same bits:
  *   t = rne(x / s) (+ z);  out = (clamp(t, qmin, qmax) (- z)) * s
+ * The learned-step-size entry points (deployq_lfq_*, deployq_rows_*) keep no t: their
+ * backward recomputes t and out from x with the same ops, and sums what the stored ones
+ * gave, in the same order.
  * Must be compiled without -ffast-math and with -ffp-contract=off: the bits are the
  * contract (ONNX QuantizeLinear / DequantizeLinear), and `q + 0.0f` (which turns
  * -0.0 into +0.0) must not be folded away.
@@ -29,20 +32,57 @@ static inline float clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-int deployq_fq_abi(void) { return 5; }
+int deployq_fq_abi(void) { return 6; }
 
 /* mode 0: no zero-point (t = rne(x/s)); 1: t += z, no subtraction (a fixed zero-point
- * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. */
+ * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. fq_t and fq_out are
+ * the whole forward of one element: the backward recomputes them from x (deployq_lfq_*),
+ * which costs a division and saves writing t and reading t and out back from memory. */
+static inline __attribute__((always_inline)) float fq_t(float xv, float s, float z, const int mode) {
+    float q = rne(xv / s);
+    if (mode >= 1) q = q + z;
+    return q;
+}
+static inline __attribute__((always_inline)) float fq_out(float q, float s, float z, const int mode, float qmin,
+                                                          float qmax) {
+    float o = clampf(q, qmin, qmax);
+    if (mode == 2) o = o - z;
+    return o * s;
+}
+/* Software prefetch distance (floats ahead; a 64-byte line per 16 floats). On the 2-core
+ * VMs we measure on, a streaming loop over tensors that left the cache ran 2-3x slower
+ * without it (backward of a 1 MB activation: 331 -> 158 us). */
+#define PD 1024
+#define PREFETCH(p) __builtin_prefetch(p, 0, 0)
+#define PREFETCH_W(p) __builtin_prefetch(p, 1, 0)
+
+static inline __attribute__((always_inline)) void fwd_one(const float *x, float *t, float *out, int64_t i, float s,
+                                                          float z, const int mode, float qmin, float qmax) {
+    float q = fq_t(x[i], s, z, mode);
+    if (t) t[i] = q;
+    out[i] = fq_out(q, s, z, mode, qmin, qmax);
+}
+/* t may be NULL (not stored); out and t do not overlap x (ivdep: GCC would otherwise
+ * check for overlap on every block of 16) */
 static inline __attribute__((always_inline)) void fwd_row(const float *x, float *t, float *out, int64_t k,
                                                           float s, float z, const int mode, float qmin,
                                                           float qmax) {
-    for (int64_t i = 0; i < k; i++) {
-        float q = rne(x[i] / s);
-        if (mode >= 1) q = q + z;
-        t[i] = q;
-        float o = clampf(q, qmin, qmax);
-        if (mode == 2) o = o - z;
-        out[i] = o * s;
+    int64_t i = 0;
+    if (t) {
+        for (; i + 16 <= k; i += 16) {
+            PREFETCH(x + i + PD);
+#pragma GCC ivdep
+            for (int l = 0; l < 16; l++) fwd_one(x, t, out, i + l, s, z, mode, qmin, qmax);
+        }
+        for (; i < k; i++) fwd_one(x, t, out, i, s, z, mode, qmin, qmax);
+    } else {
+        for (; i + 16 <= k; i += 16) {
+            PREFETCH(x + i + PD);
+            PREFETCH_W(out + i + PD);
+#pragma GCC ivdep
+            for (int l = 0; l < 16; l++) fwd_one(x, 0, out, i + l, s, z, mode, qmin, qmax);
+        }
+        for (; i < k; i++) fwd_one(x, 0, out, i, s, z, mode, qmin, qmax);
     }
 }
 
@@ -136,6 +176,74 @@ static void row_sums(const float *g, const float *t, const float *out, const flo
     }
 }
 
+/* bwd_row from g and x alone: t and out recomputed by the forward's float ops (fq_t,
+ * fq_out), so the same bits as stored ones and the same sums in the same order (training
+ * is bit for bit what it was with t and out stored). A division per element instead of
+ * writing t in the forward and reading t and out back: one stream less each way. */
+static inline __attribute__((always_inline)) void bwd_row_x(const float *g, const float *x, float *gx, int64_t k,
+                                                            float s, float z, const int mode, float qmin,
+                                                            float qmax, const int dx, const int ds, const int dz,
+                                                            double *res) {
+    const float lo = qmin - 0.5f, hi = qmax + 0.5f;
+    double a1[NA] = {0}, a2[NA] = {0}, a3[NA] = {0};
+    int64_t i = 0;
+#define BWD_X_ONE(j, l)                                                     \
+    do {                                                                    \
+        float gv = g[j], xv = x[j];                                         \
+        float tv = fq_t(xv, s, z, mode);                                    \
+        float gi = keep(gv, tv, lo, hi);                                    \
+        if (ds) {                                                           \
+            a1[l] += (double)gv * (double)fq_out(tv, s, z, mode, qmin, qmax); \
+            a2[l] += (double)gi * (double)xv;                               \
+        }                                                                   \
+        if (dz) a3[l] += (double)gi - (double)gv;                           \
+        if (dx) gx[j] = gi;                                                 \
+    } while (0)
+    /* ivdep: gx may be g itself; each element is read before it is written */
+    for (; i + NA <= k; i += NA) {
+        PREFETCH_W(g + i + PD);
+        PREFETCH(x + i + PD);
+#pragma GCC ivdep
+        for (int l = 0; l < NA; l++) BWD_X_ONE(i + l, l);
+    }
+    for (int l = 0; i < k; i++, l++) BWD_X_ONE(i, l);
+#undef BWD_X_ONE
+    double s1 = 0, s2 = 0, s3 = 0;
+    for (int l = 0; l < NA; l++) {
+        s1 += a1[l];
+        s2 += a2[l];
+        s3 += a3[l];
+    }
+    res[0] = s1 - s2;
+    res[1] = s3;
+}
+
+/* bwd_row_x with mode and which outputs are wanted as constants (one loop each) */
+#define BWD_X(m, fx, fs, fz) bwd_row_x(g, x, gx, k, s, z, m, qmin, qmax, fx, fs, fz, r)
+#define BWD_X_MODE(m)                            \
+    switch (dx * 4 + ds * 2 + dz) {              \
+        case 1: BWD_X(m, 0, 0, 1); break;        \
+        case 2: BWD_X(m, 0, 1, 0); break;        \
+        case 3: BWD_X(m, 0, 1, 1); break;        \
+        case 4: BWD_X(m, 1, 0, 0); break;        \
+        case 5: BWD_X(m, 1, 0, 1); break;        \
+        case 6: BWD_X(m, 1, 1, 0); break;        \
+        case 7: BWD_X(m, 1, 1, 1); break;        \
+        default: r[0] = r[1] = 0; break;         \
+    }
+static void row_sums_x(const float *g, const float *x, float *gx, int64_t k, float s, float z, int mode, float qmin,
+                       float qmax, int dx, int ds, int dz, double *r) {
+    if (mode == 0) {
+        BWD_X_MODE(0)
+    } else if (mode == 1) {
+        BWD_X_MODE(1)
+    } else {
+        BWD_X_MODE(2)
+    }
+}
+#undef BWD_X_MODE
+#undef BWD_X
+
 /* Threads for one per-tensor row (OpenMP, when compiled with it: the build links the
  * libgomp torch already loaded, so torch and this share one thread pool). Fixed chunks
  * of whole cache lines per thread, partial sums added in thread order: the result only
@@ -153,8 +261,8 @@ static __attribute__((unused)) void chunk(int64_t k, int n, int i, int64_t *b, i
     *e = *b + c < k ? *b + c : k;
 }
 
-static void row_sums_par(const float *g, const float *t, const float *out, const float *x, float *gx, int64_t k,
-                         float lo, float hi, int dx, int ds, int dz, double *r, int nt) {
+static void row_sums_par(const float *g, const float *x, float *gx, int64_t k, float s, float z, int mode,
+                         float qmin, float qmax, int dx, int ds, int dz, double *r, int nt) {
     nt = threads_for(k, nt);
 #ifdef _OPENMP
     if (nt > 1) {
@@ -165,8 +273,7 @@ static void row_sums_par(const float *g, const float *t, const float *out, const
             int n = omp_get_num_threads(), i = omp_get_thread_num();
             int64_t b, e;
             chunk(k, n, i, &b, &e);
-            row_sums(g + b, t + b, out ? out + b : 0, x ? x + b : 0, gx ? gx + b : 0, e - b, lo, hi, dx, ds, dz,
-                     part[i]);
+            row_sums_x(g + b, x + b, gx ? gx + b : 0, e - b, s, z, mode, qmin, qmax, dx, ds, dz, part[i]);
             if (i == 0) used = n;
         }
         r[0] = r[1] = 0;
@@ -178,7 +285,7 @@ static void row_sums_par(const float *g, const float *t, const float *out, const
     }
 #endif
     (void)nt;
-    row_sums(g, t, out, x, gx, k, lo, hi, dx, ds, dz, r);
+    row_sums_x(g, x, gx, k, s, z, mode, qmin, qmax, dx, ds, dz, r);
 }
 
 /* gx: x's gradient (NULL: not needed; may be g itself); gs: s's gradient per channel
@@ -197,8 +304,17 @@ void deployq_fq_backward(const float *g, const float *t, const float *out, const
     }
 }
 
-static void fwd_par(const float *x, float *t, float *out, int64_t k, float s, float z, int mode, float qmin,
-                    float qmax, int nt) {
+/* fwd_row without t, over threads for a large row */
+static void fwd_row_nt(const float *x, float *out, int64_t k, float s, float z, int mode, float qmin, float qmax) {
+    if (mode == 0)
+        fwd_row(x, 0, out, k, s, 0.0f, 0, qmin, qmax);
+    else if (mode == 1)
+        fwd_row(x, 0, out, k, s, 0.0f, 1, qmin, qmax);
+    else
+        fwd_row(x, 0, out, k, s, z, 2, qmin, qmax);
+}
+static void fwd_par(const float *x, float *out, int64_t k, float s, float z, int mode, float qmin, float qmax,
+                    int nt) {
     nt = threads_for(k, nt);
 #ifdef _OPENMP
     if (nt > 1) {
@@ -206,21 +322,22 @@ static void fwd_par(const float *x, float *t, float *out, int64_t k, float s, fl
         {
             int64_t b, e;
             chunk(k, omp_get_num_threads(), omp_get_thread_num(), &b, &e);
-            if (e > b) deployq_fq_forward(x + b, t + b, out + b, 1, e - b, &s, &z, mode, qmin, qmax);
+            if (e > b) fwd_row_nt(x + b, out + b, e - b, s, z, mode, qmin, qmax);
         }
         return;
     }
 #endif
-    deployq_fq_forward(x, t, out, 1, k, &s, &z, mode, qmin, qmax);
+    fwd_row_nt(x, out, k, s, z, mode, qmin, qmax);
 }
 
 /* LearnedFQ (deployq/quant.py) in one call: from a quantizer's raw cells, the step size
- * scale = clamp(|raw_s|, min=min_scale) (written to `scale`, [c]), the zero-point
- * z = clamp(rne(raw_z), qmin, qmax) (mode 2 only) and zmask = (z == rne(raw_z)) (NULL:
- * not needed), then deployq_fq_forward; nt: threads to use (torch's setting). */
-void deployq_lfq_forward(const float *x, float *t, float *out, int64_t c, int64_t k, const float *raw_s,
-                         const float *raw_z, int mode, float qmin, float qmax, float min_scale, float *scale,
-                         float *zmask, int nt) {
+ * scale = clamp(|raw_s|, min_scale) (written to `scale`, [c]), the zero-point
+ * z = clamp(rne(raw_z), qmin, qmax) (mode 2 only: written to `zq`, [c]) and
+ * zmask = (z == rne(raw_z)) (NULL: not needed), then out as deployq_fq_forward. t is not
+ * kept: deployq_lfq_backward recomputes it from x. nt: threads to use (torch's setting). */
+void deployq_lfq_forward(const float *x, float *out, int64_t c, int64_t k, const float *raw_s, const float *raw_z,
+                         int mode, float qmin, float qmax, float min_scale, float *scale, float *zq, float *zmask,
+                         int nt) {
     for (int64_t j = 0; j < c; j++) {
         float a = fabsf(raw_s[j]);
         float sj = a < min_scale ? min_scale : a;
@@ -228,24 +345,28 @@ void deployq_lfq_forward(const float *x, float *t, float *out, int64_t c, int64_
         if (mode == 2) {
             float zr = rne(raw_z[j]);
             zj = clampf(zr, qmin, qmax);
+            zq[j] = zj;
             if (zmask) zmask[j] = zj == zr ? 1.0f : 0.0f;
         }
         scale[j] = sj;
-        fwd_par(x + j * k, t + j * k, out + j * k, k, sj, zj, mode, qmin, qmax, nt);
+        fwd_par(x + j * k, out + j * k, k, sj, zj, mode, qmin, qmax, nt);
     }
 }
 
-/* deployq_fq_backward, then the step size's gradient taken through
- * scale = clamp(|raw_s|, min_scale) as autograd does (where(|raw| >= min, gs, 0) * sgn(raw)):
- * g_raw_s (NULL: not needed), g_raw_z (NULL unless zmask); nt as above. */
-void deployq_lfq_backward(const float *g, const float *t, const float *out, const float *x, float *gx,
-                          int64_t c, int64_t k, float lo, float hi, const float *scale, const float *zmask,
-                          float gf, const float *raw_s, float min_scale, float *g_raw_s, float *g_raw_z, int nt) {
+/* The backward of deployq_lfq_forward from g and x (t and out recomputed): gx (NULL: not
+ * needed; may be g itself), then the step size's gradient as deployq_fq_backward, taken
+ * through scale = clamp(|raw_s|, min_scale) as autograd does (where(|raw| >= min, gs, 0)
+ * * sgn(raw)): g_raw_s (NULL: not needed), g_raw_z (NULL unless zmask); zq: the
+ * forward's zero-points (mode 2); nt as above. */
+void deployq_lfq_backward(const float *g, const float *x, float *gx, int64_t c, int64_t k, const float *scale,
+                          const float *zq, int mode, float qmin, float qmax, const float *zmask, float gf,
+                          const float *raw_s, float min_scale, float *g_raw_s, float *g_raw_z, int nt) {
     const int dx = gx != 0, ds = g_raw_s != 0, dz = g_raw_z != 0;
     for (int64_t j = 0; j < c; j++) {
         const int64_t o = j * k;
         double r[2];
-        row_sums_par(g + o, t + o, ds ? out + o : 0, ds ? x + o : 0, dx ? gx + o : 0, k, lo, hi, dx, ds, dz, r, nt);
+        row_sums_par(g + o, x + o, dx ? gx + o : 0, k, scale[j], mode == 2 ? zq[j] : 0.0f, mode, qmin, qmax, dx, ds,
+                     dz, r, nt);
         if (dz) g_raw_z[j] = (((float)r[1] * scale[j]) * zmask[j]) * gf;
         if (ds) {
             float gs = ((float)r[0] / scale[j]) * gf;
@@ -260,51 +381,49 @@ void deployq_lfq_backward(const float *g, const float *t, const float *out, cons
  * floats; row i reads row (i % xr) of x (xr = r: every row its own input; xr < r: the
  * same weight quantized by several cells) and is quantized with step-size scalar
  * cell_of[i]. Per scalar c (nc of them): raw_s[c], raw_z[c] (read in mode 2 only),
- * mode[c] (0, 1, 2 as deployq_fq_forward; 3: the row passes unchanged, t not written),
- * qmin[c], qmax[c]. A per-tensor cell is one scalar many rows share; a per-channel cell
- * is one scalar per row. Writes scale[c] and, if zmask is not NULL, zmask[c] (mode 2;
- * 1 elsewhere) as deployq_lfq_forward. Each row's floats are those of
- * deployq_lfq_forward on that row alone. */
-void deployq_rows_forward(const float *x, int64_t xr, float *t, float *out, int64_t r, int64_t k,
-                          const int32_t *cell_of, int64_t nc, const float *raw_s, const float *raw_z,
-                          const int32_t *mode, const float *qmin, const float *qmax, float min_scale,
-                          float *scale, float *zmask) {
+ * mode[c] (0, 1, 2 as deployq_fq_forward; 3: the row passes unchanged), qmin[c],
+ * qmax[c]. A per-tensor cell is one scalar many rows share; a per-channel cell is one
+ * scalar per row. Writes scale[c], zq[c] (the zero-point; 0 unless mode 2) and, if zmask
+ * is not NULL, zmask[c] (mode 2; 1 elsewhere) as deployq_lfq_forward. Each row's floats
+ * are those of deployq_lfq_forward on that row alone. */
+void deployq_rows_forward(const float *x, int64_t xr, float *out, int64_t r, int64_t k, const int32_t *cell_of,
+                          int64_t nc, const float *raw_s, const float *raw_z, const int32_t *mode,
+                          const float *qmin, const float *qmax, float min_scale, float *scale, float *zq,
+                          float *zmask) {
     for (int64_t c = 0; c < nc; c++) {
         float a = fabsf(raw_s[c]);
         scale[c] = a < min_scale ? min_scale : a;
-        if (zmask) {
-            float zmv = 1.0f;
-            if (mode[c] == 2) {
-                float zr = rne(raw_z[c]);
-                zmv = clampf(zr, qmin[c], qmax[c]) == zr ? 1.0f : 0.0f;
-            }
-            zmask[c] = zmv;
+        float zmv = 1.0f, zc = 0.0f;
+        if (mode[c] == 2) {
+            float zr = rne(raw_z[c]);
+            zc = clampf(zr, qmin[c], qmax[c]);
+            zmv = zc == zr ? 1.0f : 0.0f;
         }
+        zq[c] = zc;
+        if (zmask) zmask[c] = zmv;
     }
     for (int64_t i = 0; i < r; i++) {
         const int32_t c = cell_of[i];
         const float *xi = x + (i % xr) * k;
-        float *ti = t + i * k, *oi = out + i * k;
-        const float s = scale[c];
-        switch (mode[c]) {
-            case 0: fwd_row(xi, ti, oi, k, s, 0.0f, 0, qmin[c], qmax[c]); break;
-            case 1: fwd_row(xi, ti, oi, k, s, 0.0f, 1, qmin[c], qmax[c]); break;
-            case 2: fwd_row(xi, ti, oi, k, s, clampf(rne(raw_z[c]), qmin[c], qmax[c]), 2, qmin[c], qmax[c]); break;
-            default: memcpy(oi, xi, (size_t)k * sizeof(float)); break;
-        }
+        float *oi = out + i * k;
+        if (mode[c] == 3)
+            memcpy(oi, xi, (size_t)k * sizeof(float));
+        else
+            fwd_row_nt(xi, oi, k, scale[c], zq[c], mode[c], qmin[c], qmax[c]);
     }
 }
 
-/* The backward of deployq_rows_forward. gx (NULL: not needed; may be g itself) gets each
+/* The backward of deployq_rows_forward from g and x (t and out recomputed, zq: the
+ * forward's zero-points). gx (NULL: not needed; may be g itself) gets each
  * row's input gradient (rows of a mode-3 scalar: g unchanged); the step-size gradient of
  * scalar c sums, in double, the row sums of every row that uses it, then takes the float
  * ops of deployq_lfq_backward: g_raw_s[c] (NULL: not needed), g_raw_z[c] (NULL: not
  * needed; 0 unless mode 2). gf[c]: the LSQ factor; acc: 2 * nc doubles of scratch. */
-void deployq_rows_backward(const float *g, const float *t, const float *out, const float *x, int64_t xr,
-                           float *gx, int64_t r, int64_t k, const int32_t *cell_of, int64_t nc,
-                           const int32_t *mode, const float *qmin, const float *qmax, const float *scale,
-                           const float *zmask, const float *gf, const float *raw_s, float min_scale,
-                           double *acc, float *g_raw_s, float *g_raw_z) {
+void deployq_rows_backward(const float *g, const float *x, int64_t xr, float *gx, int64_t r, int64_t k,
+                           const int32_t *cell_of, int64_t nc, const int32_t *mode, const float *qmin,
+                           const float *qmax, const float *scale, const float *zq, const float *zmask,
+                           const float *gf, const float *raw_s, float min_scale, double *acc, float *g_raw_s,
+                           float *g_raw_z) {
     const int dx = gx != 0, ds = g_raw_s != 0;
     for (int64_t c = 0; c < 2 * nc; c++) acc[c] = 0.0;
     for (int64_t i = 0; i < r; i++) {
@@ -315,10 +434,9 @@ void deployq_rows_backward(const float *g, const float *t, const float *out, con
             continue;
         }
         const int dz = g_raw_z != 0 && mode[c] == 2;
-        const float *xi = x ? x + (i % xr) * k : 0;
         double rr[2];
-        row_sums(g + o, t + o, ds ? out + o : 0, ds ? xi : 0, dx ? gx + o : 0, k, qmin[c] - 0.5f,
-                 qmax[c] + 0.5f, dx, ds, dz, rr);
+        row_sums_x(g + o, x + (i % xr) * k, dx ? gx + o : 0, k, scale[c], zq[c], mode[c], qmin[c], qmax[c], dx, ds,
+                   dz, rr);
         acc[2 * c] += rr[0];
         acc[2 * c + 1] += rr[1];
     }

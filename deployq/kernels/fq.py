@@ -88,8 +88,10 @@ def backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, need_s:
 
 def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axis, zero_offset: bool,
                     need_z: bool):
-    """LearnedFQ.forward's math in one call: (t, out, scale [shape of raw_s], zmask [shape
-    of raw_z] or None), or None when the kernel does not apply."""
+    """LearnedFQ.forward's math in one call: (out, scale [shape of raw_s], zq, zmask [shape
+    of raw_z] or None), or None when the kernel does not apply. zq: the zero-points the
+    forward used ([C], mode 2; else None). The integer grid t is not kept: learned_backward
+    recomputes it from x, which is cheaper than writing it and reading it back."""
     lib = get()
     if lib is None or not (_dense(x) and _dense(raw_s)) or x.numel() == 0:
         return None
@@ -100,39 +102,38 @@ def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axi
         return None
     if torch.is_grad_enabled() and (x.requires_grad or raw_s.requires_grad):
         return None  # only inside an autograd Function's forward
-    t = torch.empty_like(x)
     out = torch.empty_like(x)
     scale = torch.empty_like(raw_s)
+    zq = torch.empty_like(raw_z) if raw_z is not None else None
     zmask = torch.empty_like(raw_z) if raw_z is not None and need_z else None
     mode = mode_of(raw_z, zero_offset)
     lib.deployq_lfq_forward(
-        x.data_ptr(), t.data_ptr(), out.data_ptr(), c, x.numel() // c, raw_s.data_ptr(),
+        x.data_ptr(), out.data_ptr(), c, x.numel() // c, raw_s.data_ptr(),
         raw_z.data_ptr() if raw_z is not None else None, mode, float(qmin), float(qmax), float(min_scale),
-        scale.data_ptr(), zmask.data_ptr() if zmask is not None else None, torch.get_num_threads(),
+        scale.data_ptr(), zq.data_ptr() if zq is not None else None, zmask.data_ptr() if zmask is not None else None,
+        torch.get_num_threads(),
     )
-    return t, out, scale, zmask
+    return out, scale, zq, zmask
 
 
-def learned_backward(g, t, out, x, scale, zmask, bounds, grad_factor, raw_s, min_scale: float, need_x: bool,
-                     need_s: bool, reuse_g: bool):
-    """LearnedFQ.backward's math (after learned_forward) in one call: (d x, d raw_s,
-    d raw_z), or None when the kernel does not apply (e.g. grad mode: a traced backward)."""
-    if torch.is_grad_enabled() or not (_dense(g) and g.shape == t.shape):
+def learned_backward(g, x, scale, zq, zmask, qmin: int, qmax: int, zero_offset: bool, grad_factor, raw_s,
+                     min_scale: float, need_x: bool, need_s: bool, reuse_g: bool):
+    """LearnedFQ.backward's math (after learned_forward, x as it had) in one call: (d x,
+    d raw_s, d raw_z), or None when the kernel does not apply (e.g. grad mode: a traced
+    backward)."""
+    if torch.is_grad_enabled() or not (_dense(g) and _dense(x) and g.shape == x.shape):
         return None
     lib = get()
     if lib is None:
         return None
-    n = t.numel()
-    if need_s and not (_dense(out) and _dense(x) and _dense(raw_s) and out.numel() == n == x.numel()):
-        return None  # (sizes: the kernel reads n floats of each)
     c = scale.numel()
     gx = (g if reuse_g else torch.empty_like(g)) if need_x else None
     gs = torch.empty_like(raw_s) if need_s else None
     gz = torch.empty_like(zmask) if zmask is not None else None
     lib.deployq_lfq_backward(
-        g.data_ptr(), t.data_ptr(), out.data_ptr() if need_s else None, x.data_ptr() if need_s else None,
-        gx.data_ptr() if gx is not None else None, c, g.numel() // c, float(bounds[0]), float(bounds[1]),
-        scale.data_ptr(), zmask.data_ptr() if zmask is not None else None, float(grad_factor),
+        g.data_ptr(), x.data_ptr(), gx.data_ptr() if gx is not None else None, c, g.numel() // c,
+        scale.data_ptr(), zq.data_ptr() if zq is not None else None, mode_of(zq, zero_offset), float(qmin),
+        float(qmax), zmask.data_ptr() if zmask is not None else None, float(grad_factor),
         raw_s.data_ptr() if need_s else None, float(min_scale),
         gs.data_ptr() if gs is not None else None, gz.data_ptr() if gz is not None else None,
         torch.get_num_threads(),
@@ -144,43 +145,45 @@ def rows_forward(x, xr: int, r: int, plan, raw_s, raw_z, min_scale: float, need_
     """Many fake-quants in one call (deployq_rows_forward): x holds xr rows, the output r
     rows of x.numel() // xr floats; plan (deployq.stacked.RowsPlan) maps rows to step-size
     scalars and holds their modes and ranges; raw_s / raw_z: those scalars' raw cells,
-    flat. Returns (t, out [r, k], scale [nc], zmask [nc] or None), or None when the kernel
-    is unavailable or the tensors are not dense float32 CPU tensors."""
+    flat. Returns (out [r, k], scale [nc], zq [nc], zmask [nc] or None), or None when the
+    kernel is unavailable or the tensors are not dense float32 CPU tensors. zq: the
+    zero-points used (0 unless mode 2); rows_backward recomputes t from x."""
     lib = get()
     if lib is None or not (_dense(x) and _dense(raw_s) and _dense(raw_z)) or x.numel() == 0:
         return None
     k = x.numel() // xr
-    t = torch.empty(r, k)
     out = torch.empty(r, k)
     scale = torch.empty_like(raw_s)
+    zq = torch.empty_like(raw_s)
     zmask = torch.empty_like(raw_s) if need_z else None
     cell_of, mode, qmin, qmax, _ = plan.ptrs
     lib.deployq_rows_forward(
-        x.data_ptr(), xr, t.data_ptr(), out.data_ptr(), r, k, cell_of, plan.nc, raw_s.data_ptr(), raw_z.data_ptr(),
-        mode, qmin, qmax, min_scale, scale.data_ptr(), zmask.data_ptr() if zmask is not None else None,
+        x.data_ptr(), xr, out.data_ptr(), r, k, cell_of, plan.nc, raw_s.data_ptr(), raw_z.data_ptr(), mode, qmin,
+        qmax, min_scale, scale.data_ptr(), zq.data_ptr(), zmask.data_ptr() if zmask is not None else None,
     )
-    return t, out, scale, zmask
+    return out, scale, zq, zmask
 
 
-def rows_backward(g, t, out, x, xr: int, plan, scale, zmask, raw_s, min_scale: float, need_x: bool,
-                  need_s: bool, gx=None):
-    """The backward of rows_forward: (d rows [r, k] or None, d raw_s, d raw_z or None).
-    gx: where to write the rows' gradient (may be g; default a new tensor)."""
+def rows_backward(g, x, xr: int, plan, scale, zq, zmask, raw_s, min_scale: float, need_x: bool, need_s: bool,
+                  gx=None):
+    """The backward of rows_forward (x as it had): (d rows [r, k] or None, d raw_s, d raw_z
+    or None). gx: where to write the rows' gradient (may be g; default a new tensor)."""
     lib = get()
-    r, k = t.shape
+    r = plan.cell_of.numel()
+    k = x.numel() // xr
     g = g.reshape(r, k)
     if not _dense(g):
         g = g.contiguous()
     if need_x and gx is None:
-        gx = torch.empty_like(t)
+        gx = torch.empty_like(g)
     gs = torch.empty_like(raw_s) if need_s else None
     gz = torch.empty_like(raw_s) if zmask is not None else None
     acc = torch.empty(2 * plan.nc, dtype=torch.float64)
     cell_of, mode, qmin, qmax, gf = plan.ptrs
     lib.deployq_rows_backward(
-        g.data_ptr(), t.data_ptr(), out.data_ptr() if need_s else None, x.data_ptr() if need_s else None, xr,
-        gx.data_ptr() if need_x else None, r, k, cell_of, plan.nc, mode, qmin, qmax, scale.data_ptr(),
-        zmask.data_ptr() if zmask is not None else None, gf, raw_s.data_ptr(), min_scale, acc.data_ptr(),
-        gs.data_ptr() if gs is not None else None, gz.data_ptr() if gz is not None else None,
+        g.data_ptr(), x.data_ptr(), xr, gx.data_ptr() if need_x else None, r, k, cell_of, plan.nc, mode, qmin, qmax,
+        scale.data_ptr(), zq.data_ptr(), zmask.data_ptr() if zmask is not None else None, gf, raw_s.data_ptr(),
+        min_scale, acc.data_ptr(), gs.data_ptr() if gs is not None else None,
+        gz.data_ptr() if gz is not None else None,
     )
     return (gx if need_x else None), gs, gz
