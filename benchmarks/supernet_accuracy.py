@@ -208,12 +208,15 @@ _MEASURING = ("epochs", "warmup_epochs", "warmup_lr", "lr", "lr_quant", "lr_ramp
               "lowest_bits_pool", "distill", "repeats")
 
 
-def source_digest() -> str:
-    """A saved seed is only reused by the code that measured it: hash of deployq's sources and this file."""
+_THIS = Path(__file__).resolve()
+
+
+def source_digest(root: Path = _THIS.parent.parent, bench: Path = _THIS) -> str:
+    """A saved seed is only reused by the code that measured it: hash of the sources under
+    root/deployq (.py, .c, .toml: names and contents) and of this benchmark file."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
     files = sorted(p for p in (root / "deployq").rglob("*") if p.suffix in (".py", ".c", ".toml"))
-    for f in [*files, Path(__file__).resolve()]:
+    for f in [*files, bench]:
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

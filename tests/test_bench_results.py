@@ -62,6 +62,26 @@ def test_saved_seed_is_keyed_by_what_changes_the_measurement(bench, tmp_path):
     assert base not in others and len(set(others)) == len(others)
 
 
-def test_source_digest_follows_the_source(bench):
-    assert bench.source_digest() == bench.source_digest()
-    assert len(bench.source_digest()) == 16
+def test_source_digest_follows_the_source(bench, tmp_path):
+    """Any change to deployq's .py / .c / .toml sources or to the benchmark moves it;
+    other files do not."""
+    assert bench.source_digest() == bench.source_digest() and len(bench.source_digest()) == 16
+    pkg = tmp_path / "deployq"
+    (pkg / "kernels").mkdir(parents=True)
+    files = {pkg / "train.py": "x = 1\n", pkg / "kernels" / "k.c": "int f(void);\n",
+             pkg / "profiles.toml": "a = 1\n", tmp_path / "bench.py": "# bench\n"}
+    for f, text in files.items():
+        f.write_text(text)
+
+    def digest():
+        return bench.source_digest(tmp_path, tmp_path / "bench.py")
+
+    seen = {digest()}
+    (pkg / "notes.txt").write_text("not source")
+    assert digest() in seen
+    for f, text in files.items():
+        f.write_text(text + " ")
+        assert digest() not in seen, f"{f.name} changed, digest did not"
+        seen.add(digest())
+    (pkg / "train.py").rename(pkg / "train2.py")  # same contents, another name
+    assert digest() not in seen
