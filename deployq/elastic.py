@@ -45,6 +45,7 @@ from deployq.quant import (
     lsq_grad_factor,
     quantize,
 )
+from deployq.relu_absorb import AbsorbedReLU, absorb, absorbing
 from deployq.spec import ElasticSpace, Form, LayerSpec, QuantSpec, SubnetSpec, act_spec
 
 WEIGHT_CELLS = ("pt_sym", "pt_asym", "pc_sym", "pc_asym")
@@ -165,6 +166,11 @@ class ActQuantizer(_CachingQuantizer):
         # Whether calibration saw negative inputs: decides which symmetric kind fits.
         self.register_buffer("signed_input", torch.tensor(True))
         self.register_buffer("calibrated", torch.tensor(False))
+        self.after_relu = False  # reads an AbsorbedReLU's output (set by convert)
+
+    def relu_mask(self) -> bool:
+        """Whether this quantizer's backward, on the tensor it reads, also does the ReLU's."""
+        return self.after_relu and absorbing()
 
     def _index(self, spec: QuantSpec) -> int:
         try:
@@ -185,8 +191,8 @@ class ActQuantizer(_CachingQuantizer):
             zp = torch.zeros_like(scale)
         return scale, zp
 
-    def forward(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        return self.quantize_with_scale(x, spec)[0]
+    def forward(self, x: torch.Tensor, spec: QuantSpec, relu: bool = False) -> torch.Tensor:
+        return self.quantize_with_scale(x, spec, relu)[0]
 
     def is_signed(self) -> bool:
         return self._cells()[0]
@@ -218,15 +224,16 @@ class ActQuantizer(_CachingQuantizer):
             hit = cache[spec] = (self.scale[kind][i], raw_z, zero_offset)
         return hit
 
-    def quantize_with_scale(self, x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_with_scale(self, x: torch.Tensor, spec: QuantSpec,
+                            relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(fake-quantized x, its scale [1], detached). Within one ElasticNet forward, a
         tensor this quantizer already quantized at this spec (a tensor several layers
         read) is not quantized again: the same output is returned, so autograd sums the
-        readers' gradients and runs one backward."""
+        readers' gradients and runs one backward. relu: see fake_quant_learned."""
         def compute():
             raw_s, raw_z, zero_offset = self._cell(spec)
             g = lsq_grad_factor(spec.qmax, x.numel())
-            return fake_quant_learned(x, raw_s, raw_z, spec.qmin, spec.qmax, g, MIN_SCALE, None, zero_offset)
+            return fake_quant_learned(x, raw_s, raw_z, spec.qmin, spec.qmax, g, MIN_SCALE, None, zero_offset, relu)
 
         return memoised(self, x, spec, compute)
 
@@ -306,7 +313,7 @@ class _Int32Bias(torch.autograd.Function):
 def _quant_conv_composite(x, weight, bias, a_s, a_z, w_s, w_z, s_a, act, wcfg, conv):
     """_QuantConv's forward with one autograd node per step (its double backward)."""
     if act is not None:
-        x, s_a = fake_quant_learned(x, a_s, a_z, act[0], act[1], act[2], MIN_SCALE, None, act[3])
+        x, s_a = fake_quant_learned(x, a_s, a_z, act[0], act[1], act[2], MIN_SCALE, None, act[3], act[4])
     w, s_w = fake_quant_learned(weight, w_s, w_z, wcfg[0], wcfg[1], wcfg[2], MIN_SCALE, axis=0)
     return F.conv2d(x, w, _int32_bias(bias, s_a * s_w), *conv)
 
@@ -319,7 +326,7 @@ class _QuantConv(torch.autograd.Function):
     fake-quant gradients. At the supernet's sizes the Python and autograd bookkeeping of
     the ~10 separate nodes cost as much as the conv.
 
-    act: (qmin, qmax, LSQ factor, zero_offset); wcfg: (qmin, qmax, LSQ factor);
+    act: (qmin, qmax, LSQ factor, zero_offset, relu); wcfg: (qmin, qmax, LSQ factor);
     conv: (stride, padding, dilation, groups)."""
 
     @staticmethod
@@ -329,7 +336,7 @@ class _QuantConv(torch.autograd.Function):
         xq = x
         if act is not None:
             afq = LearnedFQ()
-            xq, s_a = afq.forward(x, a_s, a_z, act[0], act[1], act[2], MIN_SCALE, None, act[3], nig[4])
+            xq, s_a = afq.forward(x, a_s, a_z, act[0], act[1], act[2], MIN_SCALE, None, act[3], nig[4], act[4])
         wfq = LearnedFQ()
         wq, s_w = wfq.forward(weight, w_s, w_z, wcfg[0], wcfg[1], wcfg[2], MIN_SCALE, 0, False, nig[6])
         sb = s_a * s_w
@@ -385,10 +392,13 @@ def _int32_bias(bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def _quant_input(q: ActQuantizer, x: torch.Tensor, act: QuantSpec, stored_bits: int | None):
     """Quantize a layer input. A tensor several layers read is stored once at
     `stored_bits` (one Q on the producer, which keeps it fusable and keeps the
-    residual stream at 8 bits); a reader that wants fewer bits requantizes it."""
+    residual stream at 8 bits); a reader that wants fewer bits requantizes it. Only the
+    Q on x itself takes over an absorbed ReLU's backward."""
+    relu = q.relu_mask()
     if stored_bits is not None and act.bits != stored_bits:
-        x = q(x, act.with_bits(stored_bits))
-    return q.quantize_with_scale(x, act)
+        x = q(x, act.with_bits(stored_bits), relu)
+        relu = False
+    return q.quantize_with_scale(x, act, relu)
 
 
 def _stored_params(q: ActQuantizer, act: QuantSpec, stored_bits: int | None):
@@ -445,7 +455,8 @@ class _ElasticWeighted(nn.Module):
             a_s = a_z = act = None
         else:
             a_s, a_z, zero_offset = self.aq._cell(spec.act)
-            act = (spec.act.qmin, spec.act.qmax, lsq_grad_factor(spec.act.qmax, x.numel()), zero_offset)
+            act = (spec.act.qmin, spec.act.qmax, lsq_grad_factor(spec.act.qmax, x.numel()), zero_offset,
+                   self.aq.relu_mask())
             s_a = None
         w_s, w_z, g_w = self.wq._cell(spec.weight, self.weight.numel())
         wcfg = (spec.weight.qmin, spec.weight.qmax, g_w)
@@ -607,13 +618,28 @@ class ElasticNet(nn.Module):
             weightless = [n for n in self.layer_names if isinstance(self.layer(n), ElasticWeightless)]
             fixed = tuple(dict.fromkeys([weighted[0], *weightless, weighted[-1]]))
         self.fixed_layers: tuple[str, ...] = fixed
+        # False: every ReLU does its own backward (A/B comparisons; see _absorbs_relus)
+        self.relu_absorb = any(isinstance(m, AbsorbedReLU) for m in gm.modules())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         token = _FORWARD_MEMO.set({})
         try:
-            return self.gm(x)
+            with absorb(self._absorbs_relus()):
+                return self.gm(x)
         finally:
             _FORWARD_MEMO.reset(token)
+
+    def _absorbs_relus(self) -> bool:
+        """Quantizers take over the ReLU backwards (deployq/relu_absorb.py) in a quantized,
+        differentiable forward that collects no activations (train.py's grad-l1 capture
+        sets _capturing) and is not being traced for export."""
+        d = self.__dict__
+        if not d.get("relu_absorb") or d.get("_capturing") or not torch.is_grad_enabled():
+            return False
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return False
+        m = next(iter(self._layer_map().values()))
+        return m.active is not None or m.stack is not None
 
     # --- structure -------------------------------------------------------
     def _layer_map(self) -> dict[str, nn.Module]:
@@ -857,6 +883,7 @@ def convert(model: nn.Module, space: ElasticSpace | None = None) -> ElasticNet:
     if n_weighted == 0:
         raise UserError("the model has no Conv2d or Linear layer to quantize")
     _tie_shared_inputs(gm, space.fixed_bits or max(space.abits))
+    _absorb_relus(gm)
     gm.graph.lint()
     gm.recompile()
     return ElasticNet(gm, space)
@@ -898,6 +925,41 @@ def _tie_shared_inputs(gm: torch.fx.GraphModule, stored_bits: int) -> None:
             else:
                 m.aq[i] = shared
                 m.stored_bits[i] = stored_bits
+
+
+def _is_relu(node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU and len(node.args) == 1 and not node.kwargs
+    if node.op == "call_function" and node.target in (F.relu, torch.relu):
+        return len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs
+
+
+def _absorb_relus(gm: torch.fx.GraphModule) -> None:
+    """Each ReLU whose output only elastic layers' activation quantizers read becomes an
+    AbsorbedReLU, and those quantizers take over its backward (deployq/relu_absorb.py).
+    A ReLU with any other reader (a max-pool, a float op, a weighted layer's weight or
+    bias slot) stays as it is."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if not _is_relu(node, modules) or not _is_tensor_node(node.args[0]) or not node.users:
+            continue
+        quantizers = []
+        for user in node.users:
+            m = modules.get(user.target) if user.op == "call_module" else None
+            if isinstance(m, ElasticWeightless) and not user.kwargs:
+                quantizers += [m.aq[i] for i, a in enumerate(user.args) if a is node]
+            elif (isinstance(m, _ElasticWeighted) and len(user.args) == 1 and user.args[0] is node
+                  and not user.kwargs):
+                quantizers.append(m.aq)
+            else:
+                break
+        else:
+            for q in quantizers:
+                q.after_relu = True
+            _replace_with_module(gm, node, f"absorbed_{node.name}", AbsorbedReLU(), node.args[:1])
+            if node.op == "call_module" and not any(n.target == node.target for n in gm.graph.nodes):
+                gm.delete_submodule(node.target)
 
 
 def _set_module(gm: torch.fx.GraphModule, target: str, new: nn.Module) -> None:

@@ -198,14 +198,16 @@ class LearnedFQ:
     step size s = clamp(|raw_scale|, min_scale), zero-point raw_zero_point (or a fixed 0
     with zero_offset, or none), both [C] along `axis` of x or [1]."""
 
-    __slots__ = ("a", "bounds", "grad_factor", "min_scale", "qrange", "s", "s_shape", "t", "z", "z_shape",
+    __slots__ = ("a", "bounds", "grad_factor", "min_scale", "qrange", "relu", "s", "s_shape", "t", "z", "z_shape",
                  "zero_offset", "zmask")
 
     def forward(self, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset,
-                need_z: bool):
+                need_z: bool, relu: bool = False):
         """Returns (out, scale [shape of raw_scale]); keeps what backward needs. Contiguous
         float32 CPU tensors: all of it in one kernel call (deployq.kernels), which keeps
-        no integer grid t: backward recomputes it from x."""
+        no integer grid t: backward recomputes it from x. relu: x is a ReLU's output whose
+        backward this one takes over (d x masked where x <= 0; deployq/relu_absorb.py)."""
+        self.relu = relu
         self.bounds = (qmin - 0.5, qmax + 0.5)  # t is integer-valued: inclusive clamp range
         self.grad_factor, self.min_scale = grad_factor, min_scale
         self.qrange, self.zero_offset = (qmin, qmax), zero_offset
@@ -241,7 +243,8 @@ class LearnedFQ:
         overwritten (see _fq_backward)."""
         if self.t is None:  # forward ran the kernel
             fused = _kernel.learned_backward(g, x, self.s, self.z, self.zmask, *self.qrange, self.zero_offset,
-                                             self.grad_factor, raw_scale, self.min_scale, need_x, need_s, reuse_g)
+                                             self.grad_factor, raw_scale, self.min_scale, need_x, need_s, reuse_g,
+                                             self.relu)
             if fused is not None:
                 return fused
             # e.g. a traced (create_graph) backward: the torch ops on the torch path's layout,
@@ -257,6 +260,8 @@ class LearnedFQ:
                 self.t, _ = _fq_forward(x, self.s, self.z, *self.qrange, self.zero_offset)
         gx, gs, gz = _fq_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
                                   need_x, need_s, reuse_g)
+        if self.relu and gx is not None:
+            gx = gx.masked_fill(x <= 0, 0.0)  # threshold_backward(gx, x, 0): NaN x keeps gx
         if gs is not None:
             # through scale = clamp(|raw|, min_scale), as autograd differentiates it
             gs = torch.where(self.a >= self.min_scale, gs.view(self.s_shape), 0.0) * raw_scale.sgn()
@@ -272,11 +277,11 @@ class _FakeQuantLearned(torch.autograd.Function):
     uses it detached)."""
 
     @staticmethod
-    def forward(ctx, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset):
+    def forward(ctx, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset, relu):
         fq = LearnedFQ()
         need_s = ctx.needs_input_grad[1]
         out, scale = fq.forward(x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis,
-                                zero_offset, ctx.needs_input_grad[2])
+                                zero_offset, ctx.needs_input_grad[2], relu)
         # x always: the kernel's backward recomputes the integer grid from it
         ctx.save_for_backward(out if need_s else None, x, raw_scale if need_s else None)
         ctx.fq = fq
@@ -287,7 +292,7 @@ class _FakeQuantLearned(torch.autograd.Function):
     def backward(ctx, g, _g_scale):
         out, x, raw = ctx.saved_tensors
         gx, gs, gz = ctx.fq.backward(g, out, x, raw, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return gx, gs, gz, None, None, None, None, None, None
+        return gx, gs, gz, None, None, None, None, None, None, None
 
 
 def fake_quant(
@@ -318,13 +323,16 @@ def fake_quant_learned(
     min_scale: float,
     axis: int | None = None,
     zero_offset: bool = False,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fake_quant` with step size s = clamp(|raw_scale|, min_scale) and zero-point
     raw_zero_point, both shaped [C] (per channel along `axis` of x) or [1]; gradients
     reach raw_scale through abs and clamp exactly as autograd would take them.
-    zero_offset: asymmetric with a fixed zero-point of 0 (raw_zero_point None).
+    zero_offset: asymmetric with a fixed zero-point of 0 (raw_zero_point None). relu: x
+    is the output of a ReLU whose backward is taken over here (deployq/relu_absorb.py).
     Returns (x_hat, s) with s shaped as raw_scale and detached."""
-    return _FakeQuantLearned.apply(x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset)
+    return _FakeQuantLearned.apply(x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset,
+                                   relu)
 
 
 @torch.no_grad()

@@ -179,37 +179,39 @@ class RowsFQ:
     """One deployq_rows_forward call and its backward, for the autograd Functions below
     (as quant.LearnedFQ for a single cell)."""
 
-    __slots__ = ("cells", "raw_s", "scale", "xr", "zmask", "zq")
+    __slots__ = ("cells", "raw_s", "relu", "scale", "xr", "zmask", "zq")
 
-    def forward(self, x, xr: int, r: int, cells: Cells, need_z: bool):
-        """(out [r, k], scale [nc])."""
+    def forward(self, x, xr: int, r: int, cells: Cells, need_z: bool, relu: bool = False):
+        """(out [r, k], scale [nc]). relu: x is an absorbed ReLU's output (deployq/relu_absorb.py)."""
         raw_s, raw_z = cells.flat()
         got = _kernel.rows_forward(x, xr, r, cells.plan, raw_s, raw_z, MIN_SCALE, need_z)
         if got is None:
             raise RuntimeError("stacked subnets need the compiled fake-quant kernel (deployq.kernels)")
         out, self.scale, self.zq, self.zmask = got
-        self.cells, self.raw_s, self.xr = cells, raw_s, xr
+        self.cells, self.raw_s, self.xr, self.relu = cells, raw_s, xr, relu
         return out, self.scale
 
     def backward(self, g, x, need_x: bool, need_s: bool, gx=None):
         """(d rows or None, [d raw_s per slice], [d raw_z per slice]); x as forward had it."""
         cells = self.cells
         gr, gs, gz = _kernel.rows_backward(g, x, self.xr, cells.plan, self.scale, self.zq, self.zmask, self.raw_s,
-                                           MIN_SCALE, need_x, need_s, gx)
+                                           MIN_SCALE, need_x, need_s, gx, self.relu)
         return gr, cells.split(gs, 0), cells.split(gz, 1)
 
 
 class _StackedFQ(torch.autograd.Function):
     """k per-tensor activation fake-quants, one per batch slice, in one node. cells_ (a
-    Cells) names them; the raw Parameters follow as (s, z) per slice so that autograd
-    routes their gradients. Returns (out, scales [k], detached)."""
+    Cells) and whether x is an absorbed ReLU's output come as (cells, relu); the raw
+    Parameters follow as (s, z) per slice so that autograd routes their gradients.
+    Returns (out, scales [k], detached)."""
 
     @staticmethod
-    def forward(ctx, x, cells_, *params):
+    def forward(ctx, x, cells_relu, *params):
+        cells_, relu = cells_relu
         nig = ctx.needs_input_grad
         fq = RowsFQ()
         k = len(cells_.raws)
-        out, scale = fq.forward(x, k, k, cells_, any(nig[3::2]))
+        out, scale = fq.forward(x, k, k, cells_, any(nig[3::2]), relu)
         ctx.fq = fq
         ctx.save_for_backward(x)
         ctx.mark_non_differentiable(scale)
@@ -228,12 +230,12 @@ class _StackedFQ(torch.autograd.Function):
         return (gx.view_as(x) if gx is not None else None, None, *grads)
 
 
-def _stacked_fq(q, x: torch.Tensor, specs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacked_fq(q, x: torch.Tensor, specs: tuple, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x's k slices quantized by activation quantizer q at specs[j] (None: unchanged),
-    memoised within one forward like ActQuantizer.quantize_with_scale."""
+    memoised within one forward like ActQuantizer.quantize_with_scale; relu as there."""
     def compute():
         cells = act_cells(q, specs, x.numel() // len(specs))
-        return _StackedFQ.apply(x.contiguous(), cells, *cells.params)
+        return _StackedFQ.apply(x.contiguous(), (cells, relu), *cells.params)
 
     return memoised(q, x, specs, compute)  # a tuple of specs: never a single spec's key
 
@@ -241,10 +243,11 @@ def _stacked_fq(q, x: torch.Tensor, specs: tuple) -> tuple[torch.Tensor, torch.T
 def quant_inputs(q, x: torch.Tensor, acts: tuple, stored_bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x with slice j quantized as acts[j], the k step sizes): elastic._quant_input for
     a stack. A shared tensor is stored once at `stored_bits`; a reader that wants fewer
-    bits requantizes its slices."""
+    bits requantizes its slices. Only the Q on x itself takes over an absorbed ReLU's
+    backward."""
     if stored_bits is None:
-        return _stacked_fq(q, x, acts)
-    stored, scales = _stacked_fq(q, x, tuple(a.with_bits(stored_bits) for a in acts))
+        return _stacked_fq(q, x, acts, q.relu_mask())
+    stored, scales = _stacked_fq(q, x, tuple(a.with_bits(stored_bits) for a in acts), q.relu_mask())
     lower = tuple(a if a.bits != stored_bits else None for a in acts)
     if all(a is None for a in lower):
         return stored, scales
@@ -279,7 +282,8 @@ def weighted_forward(m, x: torch.Tensor) -> torch.Tensor:
         a_cells, s_a = act_cells(m.aq, acts, x.numel() // k), None
         a_params = a_cells.params
     w_cells = weight_cells(m.wq, tuple(ls.weight for ls in stack), m.weight)
-    return _StackedQuantConv.apply(x, m.weight, m.bias, s_a, (a_cells, w_cells, conv, k), *a_params,
+    relu = a_cells is not None and m.aq.relu_mask()
+    return _StackedQuantConv.apply(x, m.weight, m.bias, s_a, (a_cells, w_cells, conv, k, relu), *a_params,
                                    *w_cells.params)
 
 
@@ -291,7 +295,7 @@ class _StackedQuantConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, s_a, cfg, *params):
-        a_cells, w_cells, conv, k = cfg
+        a_cells, w_cells, conv, k, relu = cfg
         nig = ctx.needs_input_grad
         b = x.shape[0] // k
         o = weight.shape[0]
@@ -299,7 +303,7 @@ class _StackedQuantConv(torch.autograd.Function):
         xq = x
         if a_cells is not None:
             afq = RowsFQ()
-            xq, s_a = afq.forward(x, k, k, a_cells, any(nig[6 : 5 + 2 * k : 2]))
+            xq, s_a = afq.forward(x, k, k, a_cells, any(nig[6 : 5 + 2 * k : 2]), relu)
             xq = xq.view_as(x)
         wfq = RowsFQ()
         wq, s_w = wfq.forward(weight, o, k * o, w_cells, any(nig[6 + 2 * k :: 2]))

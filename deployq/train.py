@@ -536,9 +536,13 @@ def _capture_activations(net, enabled: bool) -> Iterator[list[torch.Tensor]]:
         yield acts
         return
     hooks = [m.register_forward_pre_hook(lambda _m, args: acts.extend(args)) for _, m in net.layers()]
+    # grad-l1 wants each captured tensor's own gradient: no ReLU backward handed to the
+    # quantizers reading it (deployq/relu_absorb.py), which would mask it
+    net.__dict__["_capturing"] = True
     try:
         yield acts
     finally:
+        net.__dict__["_capturing"] = False
         for h in hooks:
             h.remove()
 

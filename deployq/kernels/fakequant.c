@@ -32,7 +32,7 @@ static inline float clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-int deployq_fq_abi(void) { return 6; }
+int deployq_fq_abi(void) { return 7; }
 
 /* mode 0: no zero-point (t = rne(x/s)); 1: t += z, no subtraction (a fixed zero-point
  * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. fq_t and fq_out are
@@ -108,6 +108,15 @@ void deployq_fq_forward(const float *x, float *t, float *out, int64_t c, int64_t
 #define NA 16
 /* hardtanh_backward: g where lo < t < hi (NaN t keeps g), else +0.0; a bit mask rather
  * than a select, which GCC does not always if-convert in these loops */
+/* threshold_backward(g, x, 0) (the ReLU's backward, x its output): g where x > 0 (NaN
+ * keeps g), else +0.0 */
+static inline float keep_pos(float gv, float xv) {
+    uint32_t gb, m = xv <= 0.0f ? 0u : 0xffffffffu;
+    memcpy(&gb, &gv, 4);
+    gb &= m;
+    memcpy(&gv, &gb, 4);
+    return gv;
+}
 static inline float keep(float gv, float tv, float lo, float hi) {
     uint32_t gb, m = (tv <= lo) | (tv >= hi) ? 0u : 0xffffffffu;
     memcpy(&gb, &gv, 4);
@@ -197,7 +206,7 @@ static inline __attribute__((always_inline)) void bwd_row_x(const float *g, cons
             a2[l] += (double)gi * (double)xv;                               \
         }                                                                   \
         if (dz) a3[l] += (double)gi - (double)gv;                           \
-        if (dx) gx[j] = gi;                                                 \
+        if (dx) gx[j] = dx == 2 ? keep_pos(gi, xv) : gi;                    \
     } while (0)
     /* ivdep: gx may be g itself; each element is read before it is written */
     for (; i + NA <= k; i += NA) {
@@ -218,7 +227,9 @@ static inline __attribute__((always_inline)) void bwd_row_x(const float *g, cons
     res[1] = s3;
 }
 
-/* bwd_row_x with mode and which outputs are wanted as constants (one loop each) */
+/* bwd_row_x with mode and which outputs are wanted as constants (one loop each). dx: 0 no
+ * x gradient, 1 the fake-quant's, 2 that masked by the ReLU whose output x is (the ReLU's
+ * backward taken over: deployq/relu_absorb.py). */
 #define BWD_X(m, fx, fs, fz) bwd_row_x(g, x, gx, k, s, z, m, qmin, qmax, fx, fs, fz, r)
 #define BWD_X_MODE(m)                            \
     switch (dx * 4 + ds * 2 + dz) {              \
@@ -229,6 +240,10 @@ static inline __attribute__((always_inline)) void bwd_row_x(const float *g, cons
         case 5: BWD_X(m, 1, 0, 1); break;        \
         case 6: BWD_X(m, 1, 1, 0); break;        \
         case 7: BWD_X(m, 1, 1, 1); break;        \
+        case 8: BWD_X(m, 2, 0, 0); break;        \
+        case 9: BWD_X(m, 2, 0, 1); break;        \
+        case 10: BWD_X(m, 2, 1, 0); break;       \
+        case 11: BWD_X(m, 2, 1, 1); break;       \
         default: r[0] = r[1] = 0; break;         \
     }
 static void row_sums_x(const float *g, const float *x, float *gx, int64_t k, float s, float z, int mode, float qmin,
@@ -357,11 +372,12 @@ void deployq_lfq_forward(const float *x, float *out, int64_t c, int64_t k, const
  * needed; may be g itself), then the step size's gradient as deployq_fq_backward, taken
  * through scale = clamp(|raw_s|, min_scale) as autograd does (where(|raw| >= min, gs, 0)
  * * sgn(raw)): g_raw_s (NULL: not needed), g_raw_z (NULL unless zmask); zq: the
- * forward's zero-points (mode 2); nt as above. */
+ * forward's zero-points (mode 2); relu: gx also masked where x <= 0 (x is a ReLU's output
+ * and this takes over its backward); nt as above. */
 void deployq_lfq_backward(const float *g, const float *x, float *gx, int64_t c, int64_t k, const float *scale,
                           const float *zq, int mode, float qmin, float qmax, const float *zmask, float gf,
-                          const float *raw_s, float min_scale, float *g_raw_s, float *g_raw_z, int nt) {
-    const int dx = gx != 0, ds = g_raw_s != 0, dz = g_raw_z != 0;
+                          const float *raw_s, float min_scale, float *g_raw_s, float *g_raw_z, int relu, int nt) {
+    const int dx = gx != 0 ? (relu ? 2 : 1) : 0, ds = g_raw_s != 0, dz = g_raw_z != 0;
     for (int64_t j = 0; j < c; j++) {
         const int64_t o = j * k;
         double r[2];
@@ -418,19 +434,25 @@ void deployq_rows_forward(const float *x, int64_t xr, float *out, int64_t r, int
  * row's input gradient (rows of a mode-3 scalar: g unchanged); the step-size gradient of
  * scalar c sums, in double, the row sums of every row that uses it, then takes the float
  * ops of deployq_lfq_backward: g_raw_s[c] (NULL: not needed), g_raw_z[c] (NULL: not
- * needed; 0 unless mode 2). gf[c]: the LSQ factor; acc: 2 * nc doubles of scratch. */
+ * needed; 0 unless mode 2). gf[c]: the LSQ factor; acc: 2 * nc doubles of scratch; relu:
+ * as deployq_lfq_backward (mode-3 rows too). */
 void deployq_rows_backward(const float *g, const float *x, int64_t xr, float *gx, int64_t r, int64_t k,
                            const int32_t *cell_of, int64_t nc, const int32_t *mode, const float *qmin,
                            const float *qmax, const float *scale, const float *zq, const float *zmask,
                            const float *gf, const float *raw_s, float min_scale, double *acc, float *g_raw_s,
-                           float *g_raw_z) {
-    const int dx = gx != 0, ds = g_raw_s != 0;
+                           float *g_raw_z, int relu) {
+    const int dx = gx != 0 ? (relu ? 2 : 1) : 0, ds = g_raw_s != 0;
     for (int64_t c = 0; c < 2 * nc; c++) acc[c] = 0.0;
     for (int64_t i = 0; i < r; i++) {
         const int32_t c = cell_of[i];
         const int64_t o = i * k;
         if (mode[c] == 3) {
-            if (dx && gx + o != g + o) memcpy(gx + o, g + o, (size_t)k * sizeof(float));
+            if (dx == 2) {
+                const float *xi = x + (i % xr) * k;
+                for (int64_t j = 0; j < k; j++) gx[o + j] = keep_pos(g[o + j], xi[j]);
+            } else if (dx && gx + o != g + o) {
+                memcpy(gx + o, g + o, (size_t)k * sizeof(float));
+            }
             continue;
         }
         const int dz = g_raw_z != 0 && mode[c] == 2;

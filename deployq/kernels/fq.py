@@ -117,10 +117,10 @@ def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axi
 
 
 def learned_backward(g, x, scale, zq, zmask, qmin: int, qmax: int, zero_offset: bool, grad_factor, raw_s,
-                     min_scale: float, need_x: bool, need_s: bool, reuse_g: bool):
+                     min_scale: float, need_x: bool, need_s: bool, reuse_g: bool, relu: bool = False):
     """LearnedFQ.backward's math (after learned_forward, x as it had) in one call: (d x,
     d raw_s, d raw_z), or None when the kernel does not apply (e.g. grad mode: a traced
-    backward)."""
+    backward). relu: x is a ReLU's output and d x also takes the ReLU's backward."""
     if torch.is_grad_enabled() or not (_dense(g) and _dense(x) and g.shape == x.shape):
         return None
     lib = get()
@@ -136,7 +136,7 @@ def learned_backward(g, x, scale, zq, zmask, qmin: int, qmax: int, zero_offset: 
         float(qmax), zmask.data_ptr() if zmask is not None else None, float(grad_factor),
         raw_s.data_ptr() if need_s else None, float(min_scale),
         gs.data_ptr() if gs is not None else None, gz.data_ptr() if gz is not None else None,
-        torch.get_num_threads(),
+        int(relu), torch.get_num_threads(),
     )
     return gx, gs, gz
 
@@ -165,9 +165,10 @@ def rows_forward(x, xr: int, r: int, plan, raw_s, raw_z, min_scale: float, need_
 
 
 def rows_backward(g, x, xr: int, plan, scale, zq, zmask, raw_s, min_scale: float, need_x: bool, need_s: bool,
-                  gx=None):
+                  gx=None, relu: bool = False):
     """The backward of rows_forward (x as it had): (d rows [r, k] or None, d raw_s, d raw_z
-    or None). gx: where to write the rows' gradient (may be g; default a new tensor)."""
+    or None). gx: where to write the rows' gradient (may be g; default a new tensor).
+    relu: as learned_backward."""
     lib = get()
     r = plan.cell_of.numel()
     k = x.numel() // xr
@@ -184,6 +185,6 @@ def rows_backward(g, x, xr: int, plan, scale, zq, zmask, raw_s, min_scale: float
         g.data_ptr(), x.data_ptr(), xr, gx.data_ptr() if need_x else None, r, k, cell_of, plan.nc, mode, qmin, qmax,
         scale.data_ptr(), zq.data_ptr(), zmask.data_ptr() if zmask is not None else None, gf, raw_s.data_ptr(),
         min_scale, acc.data_ptr(), gs.data_ptr() if gs is not None else None,
-        gz.data_ptr() if gz is not None else None,
+        gz.data_ptr() if gz is not None else None, int(relu),
     )
     return (gx if need_x else None), gs, gz
