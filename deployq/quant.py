@@ -261,7 +261,7 @@ class LearnedFQ:
         gx, gs, gz = _fq_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
                                   need_x, need_s, reuse_g)
         if self.relu and gx is not None:
-            gx = gx.masked_fill(x <= 0, 0.0)  # threshold_backward(gx, x, 0): NaN x keeps gx
+            gx = torch.ops.aten.threshold_backward(gx, x, 0.0)  # the ReLU's own backward op
         if gs is not None:
             # through scale = clamp(|raw|, min_scale), as autograd differentiates it
             gs = torch.where(self.a >= self.min_scale, gs.view(self.s_shape), 0.0) * raw_scale.sgn()
