@@ -397,10 +397,15 @@ class ElasticAdam(torch.optim.Optimizer):
                 v = fs.exp_avg_sq[idx].mul_(b2).addcmul_(g, g, value=1 - b2)
                 fs.exp_avg[idx] = m
                 fs.exp_avg_sq[idx] = v
-            counts = torch.tensor(sizes, device=g.device)
-            like = {"dtype": g.dtype, "device": g.device}
-            bc1 = torch.repeat_interleave(torch.tensor([1 - b1**k for k in steps], **like), counts)
-            bc2 = torch.repeat_interleave(torch.tensor([1 - b2**k for k in steps], **like), counts)
+            if len(set(steps)) == 1:
+                # one step count (the weights, every step): the bias corrections are
+                # scalars, as in Adam, not two group-sized tensors to build and divide by
+                bc1, bc2 = 1 - b1 ** steps[0], 1 - b2 ** steps[0]
+            else:
+                counts = torch.tensor(sizes, device=g.device)
+                like = {"dtype": g.dtype, "device": g.device}
+                bc1 = torch.repeat_interleave(torch.tensor([1 - b1**k for k in steps], **like), counts)
+                bc2 = torch.repeat_interleave(torch.tensor([1 - b2**k for k in steps], **like), counts)
             upd = (m / bc1).div_((v / bc2).sqrt_().add_(eps))
             if rel:
                 upd.mul_(fs.ref if idx is None else fs.ref[idx])
