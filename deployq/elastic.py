@@ -928,11 +928,18 @@ def _tie_shared_inputs(gm: torch.fx.GraphModule, stored_bits: int) -> None:
 
 
 def _is_relu(node, modules: dict) -> bool:
+    """A ReLU node that an out-of-place ReLU may replace: not in place, or in place on a
+    tensor nothing else reads (where the two are the same)."""
+    if len(node.args) != 1 or not _is_tensor_node(node.args[0]):
+        return False
     if node.op == "call_module":
-        return type(modules.get(node.target)) is nn.ReLU and len(node.args) == 1 and not node.kwargs
-    if node.op == "call_function" and node.target in (F.relu, torch.relu):
-        return len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
-    return node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs
+        m = modules.get(node.target)
+        ok, inplace = type(m) is nn.ReLU and not node.kwargs, getattr(m, "inplace", False)
+    elif node.op == "call_function" and node.target in (F.relu, torch.relu):
+        ok, inplace = set(node.kwargs) <= {"inplace"}, bool(node.kwargs.get("inplace", False))
+    else:
+        ok, inplace = node.op == "call_method" and node.target == "relu" and not node.kwargs, False
+    return ok and (not inplace or len(node.args[0].users) == 1)
 
 
 def _absorb_relus(gm: torch.fx.GraphModule) -> None:
@@ -942,7 +949,7 @@ def _absorb_relus(gm: torch.fx.GraphModule) -> None:
     bias slot) stays as it is."""
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
-        if not _is_relu(node, modules) or not _is_tensor_node(node.args[0]) or not node.users:
+        if not _is_relu(node, modules) or not node.users:
             continue
         quantizers = []
         for user in node.users:

@@ -72,6 +72,36 @@ def test_convert_hands_over_only_relus_that_quantizers_alone_read():
     assert net.gm.qadd_add.aq[1] is net.gm.conv3.aq
 
 
+class _InPlace(nn.Module):
+    """In-place ReLUs: one on a tensor only it reads (the same as out of place: handed
+    over), one on a tensor the add reads too (the add sees the ReLU's result: stays)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        r = self.relu(self.conv1(x))
+        b = self.conv2(r)
+        c = F.relu(b, inplace=True)
+        return self.conv3(c) + b
+
+
+def test_in_place_relus_are_handed_over_only_where_nothing_else_reads_their_input():
+    model = _InPlace()
+    net, _ = _calibrated(model)
+    kinds = [type(net.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else str(n.target)
+             for n in net.gm.graph.nodes if "relu" in n.name]
+    assert kinds.count("AbsorbedReLU") == 1 and len(kinds) == 2
+    x = torch.rand(2, 3, 8, 8)
+    net.set_active(None)
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))  # the add still reads the ReLU's result
+
+
 def test_resnet20_hands_over_every_relu():
     net, _ = _resnet()
     n = sum(isinstance(m, AbsorbedReLU) for m in net.gm.modules())
