@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
         """Train an elastic quantization supernet (FP32 warm-up, BN folding, GPG sandwich + WDR).
 
         The defaults train ResNet-20 (width 16) on the built-in digits at 16x16: 80 FP32
-        epochs then 60 supernet epochs, about 4 minutes on 2 CPU cores. Runs unchanged under
+        epochs then 60 supernet epochs, about 3.5 minutes on 2 CPU cores. Runs unchanged under
         `torchrun --nproc_per_node N` (DistributedDataParallel).
         """
         from deployq.train import TrainConfig, train
