@@ -211,6 +211,25 @@ def test_learned_kernel_recomputes_the_grid_bit_for_bit(use, seed, grid, per_cha
         assert gz is None and rz is None
 
 
+def test_an_expanded_gradient_runs_the_kernel_on_a_copy(use):
+    """A gradient that is not dense (a mean's backward expands it) is copied for the
+    kernel rather than sending the whole backward down the torch path."""
+    use(True)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, 5, 5, generator=gen)
+    raw_s, raw_z = torch.tensor([0.07]), torch.tensor([1.3])
+    g = torch.randn(4, 3, 1, 1, generator=gen).expand(4, 3, 5, 5)
+    res = []
+    for grad in (g, g.contiguous()):
+        fq = LearnedFQ()
+        with torch.no_grad():
+            out, _ = fq.forward(x, raw_s, raw_z, -8, 7, 0.1, 1e-8, None, False, True)
+            res.append(fq.backward(grad, out, x, raw_s, True, True, reuse_g=True))
+        assert fq.t is None  # the kernel ran both ways (the torch path would have kept t)
+    for a, b in zip(*res):
+        assert torch.equal(bits(a), bits(b))
+
+
 @pytest.mark.parametrize("mode", ["sym", "z"])
 def test_threaded_kernel_on_a_large_tensor_equals_the_torch_path(use, mode):
     """Two threads split a tensor above the kernel's threading threshold; the result does

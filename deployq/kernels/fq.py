@@ -121,11 +121,15 @@ def learned_backward(g, x, scale, zq, zmask, qmin: int, qmax: int, zero_offset: 
     """LearnedFQ.backward's math (after learned_forward, x as it had) in one call: (d x,
     d raw_s, d raw_z), or None when the kernel does not apply (e.g. grad mode: a traced
     backward). relu: x is a ReLU's output and d x also takes the ReLU's backward."""
-    if torch.is_grad_enabled() or not (_dense(g) and _dense(x) and g.shape == x.shape):
+    if torch.is_grad_enabled() or not (_dense(x) and g.shape == x.shape):
         return None
     lib = get()
     if lib is None:
         return None
+    if not _dense(g):
+        if g.dtype is not _F32 or not g.is_cpu:
+            return None
+        g = g.contiguous()  # e.g. a mean's expanded gradient: a copy beats the torch path
     c = scale.numel()
     gx = (g if reuse_g else torch.empty_like(g)) if need_x else None
     gs = torch.empty_like(raw_s) if need_s else None
