@@ -38,8 +38,10 @@ from torch.fx.experimental.optimization import fuse
 from deployq.errors import UserError
 from deployq.quant import (
     LearnedFQ,
+    can_add_fused,
     channel_view,
     dequantize,
+    fake_quant_add,
     fake_quant_learned,
     init_qparams,
     lsq_grad_factor,
@@ -515,6 +517,11 @@ class ElasticLinear(_ElasticWeighted):
         return F.linear(x, w, b)
 
 
+# Residual adds in training fuse a private input's fake-quant with the add (ElasticWeightless._fused_add);
+# False runs Q, DQ and the add as separate ops (A/B comparisons).
+FUSE_ADD = True
+
+
 class _AddOp(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
@@ -541,9 +548,29 @@ class ElasticWeightless(nn.Module):
         spec = self.active
         if spec is None:
             return self.op(*xs)
+        if type(self.op) is _AddOp and FUSE_ADD and torch.is_grad_enabled() and not torch.jit.is_tracing():
+            fused = self._fused_add(xs, spec.act)
+            if fused is not None:
+                return fused
         return self.op(
             *(_quant_input(q, x, spec.act, sb)[0] for q, x, sb in zip(self.aq, xs, self.stored_bits))
         )
+
+    def _fused_add(self, xs, act: QuantSpec) -> torch.Tensor | None:
+        """A residual add in training: an input whose quantizer is its own (no other layer
+        reads that tensor) is fake-quantized and added to the other, quantized input in one
+        kernel pass (quant.fake_quant_add), bit for bit what Q, DQ and the add give."""
+        j = next((i for i in (1, 0) if self.stored_bits[i] is None), None)
+        if j is None:
+            return None
+        x = xs[j]
+        y = _quant_input(self.aq[1 - j], xs[1 - j], act, self.stored_bits[1 - j])[0]  # memoised: not redone
+        if not can_add_fused(x, y):
+            return None
+        q = self.aq[j]
+        raw_s, raw_z, zero_offset = q._cell(act)
+        g = lsq_grad_factor(act.qmax, x.numel())
+        return fake_quant_add(x, y, raw_s, raw_z, act.qmin, act.qmax, g, MIN_SCALE, zero_offset, q.relu_mask())
 
     @torch.no_grad()
     def frozen_params(self, spec: LayerSpec) -> FrozenAddParams:

@@ -201,18 +201,21 @@ class LearnedFQ:
     __slots__ = ("a", "bounds", "grad_factor", "min_scale", "qrange", "relu", "s", "s_shape", "t", "z", "z_shape",
                  "zero_offset", "zmask")
 
-    def forward(self, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset,
-                need_z: bool, relu: bool = False):
-        """Returns (out, scale [shape of raw_scale]); keeps what backward needs. Contiguous
-        float32 CPU tensors: all of it in one kernel call (deployq.kernels), which keeps
-        no integer grid t: backward recomputes it from x. relu: x is a ReLU's output whose
-        backward this one takes over (d x masked where x <= 0; deployq/relu_absorb.py)."""
+    def _keep(self, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset, relu) -> None:
         self.relu = relu
         self.bounds = (qmin - 0.5, qmax + 0.5)  # t is integer-valued: inclusive clamp range
         self.grad_factor, self.min_scale = grad_factor, min_scale
         self.qrange, self.zero_offset = (qmin, qmax), zero_offset
         self.s_shape = raw_scale.shape
         self.z_shape = None if raw_zero_point is None else raw_zero_point.shape
+
+    def forward(self, x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset,
+                need_z: bool, relu: bool = False):
+        """Returns (out, scale [shape of raw_scale]); keeps what backward needs. Contiguous
+        float32 CPU tensors: all of it in one kernel call (deployq.kernels), which keeps
+        no integer grid t: backward recomputes it from x. relu: x is a ReLU's output whose
+        backward this one takes over (d x masked where x <= 0; deployq/relu_absorb.py)."""
+        self._keep(raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset, relu)
         fused = _kernel.learned_forward(x, raw_scale, raw_zero_point, qmin, qmax, min_scale, axis, zero_offset,
                                         need_z)
         if fused is not None:
@@ -237,10 +240,24 @@ class LearnedFQ:
         self.s, self.a, self.z, self.zmask = s, a, z, zmask
         return out, scale
 
+    def forward_add(self, x, y, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset,
+                    need_z: bool, relu: bool = False):
+        """fake-quant(x) + y for one per-tensor cell in one kernel pass (a residual add
+        whose other operand y is quantized already); backward as after forward (out not
+        needed). Raises if the kernel does not apply: callers check can_add_fused()."""
+        self._keep(raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset, relu)
+        fused = _kernel.learned_forward_add(x, y, raw_scale, raw_zero_point, qmin, qmax, min_scale, zero_offset,
+                                            need_z)
+        if fused is None:
+            raise RuntimeError("fake_quant_add needs the compiled kernel on dense float32 CPU tensors")
+        out, self.s, self.z, self.zmask = fused
+        self.a = self.t = None
+        return out
+
     def backward(self, g, out, x, raw_scale, need_x: bool, need_s: bool, reuse_g: bool = False):
         """(d x, d raw_scale, d raw_zero_point); out and x as in forward (after the kernel
-        forward x is always read; on the torch path only if need_s); reuse_g: g may be
-        overwritten (see _fq_backward)."""
+        forward x is always read and out never; on the torch path x only if need_s);
+        reuse_g: g may be overwritten (see _fq_backward)."""
         if self.t is None:  # forward ran the kernel
             fused = _kernel.learned_backward(g, x, self.s, self.z, self.zmask, *self.qrange, self.zero_offset,
                                              self.grad_factor, raw_scale, self.min_scale, need_x, need_s, reuse_g,
@@ -258,6 +275,9 @@ class LearnedFQ:
                 self.zmask = self.zmask.view(self.s.shape)
             with torch.no_grad():
                 self.t, _ = _fq_forward(x, self.s, self.z, *self.qrange, self.zero_offset)
+        if out is None:  # forward_add keeps no output: the same float ops again
+            with torch.no_grad():
+                _, out = _fq_forward(x, self.s, self.z, *self.qrange, self.zero_offset)
         gx, gs, gz = _fq_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,
                                   need_x, need_s, reuse_g)
         if self.relu and gx is not None:
@@ -293,6 +313,42 @@ class _FakeQuantLearned(torch.autograd.Function):
         out, x, raw = ctx.saved_tensors
         gx, gs, gz = ctx.fq.backward(g, out, x, raw, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return gx, gs, gz, None, None, None, None, None, None, None
+
+
+class _FakeQuantAdd(torch.autograd.Function):
+    """fake_quant_learned(x) + y in one node and one kernel pass (LearnedFQ.forward_add):
+    the fake-quantized x is never written. d y is the incoming gradient, as for a + b."""
+
+    @staticmethod
+    def forward(ctx, x, y, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset, relu):
+        fq = LearnedFQ()
+        out = fq.forward_add(x, y, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset,
+                             ctx.needs_input_grad[3], relu)
+        ctx.save_for_backward(x, raw_scale)
+        ctx.fq = fq
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, raw = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        gx, gs, gz = ctx.fq.backward(g, None, x, raw, nig[0], nig[2])
+        return gx, g if nig[1] else None, gs, gz, None, None, None, None, None, None
+
+
+def can_add_fused(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether fake_quant_add runs here: the kernel is loaded and x, y dense float32 CPU
+    tensors of one shape."""
+    return (_kernel.get() is not None and x.shape == y.shape and _kernel._dense(x) and _kernel._dense(y)
+            and x.numel() > 0)
+
+
+def fake_quant_add(x, y, raw_scale, raw_zero_point, qmin: int, qmax: int, grad_factor: float, min_scale: float,
+                   zero_offset: bool = False, relu: bool = False) -> torch.Tensor:
+    """fake_quant_learned(x, per-tensor)[0] + y, bit for bit, in one kernel pass; only
+    where can_add_fused(x, y)."""
+    return _FakeQuantAdd.apply(x, y, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset,
+                               relu)
 
 
 def fake_quant(

@@ -208,3 +208,78 @@ def test_cached_cells_follow_a_loaded_state_dict():
         c.set_active(spec)
         b.load_state_dict(c.state_dict(), assign=True)
         assert torch.equal(bits(c(x)), bits(b(x)))
+
+
+@pytest.mark.parametrize("mode", ["sym", "offset", "z"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_fake_quant_add_is_fake_quant_then_add_to_the_bit(mode, relu):
+    """fake_quant_add(x, y): one kernel pass for a residual add's private input, against
+    fake_quant_learned(x) + y (and the ReLU's backward after it when relu): the output and
+    the gradients of x, y, the step size and the zero-point equal to the bit."""
+    from deployq.quant import can_add_fused, fake_quant_add
+
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(4, 6, 9, 9, generator=gen) * 2
+    if relu:
+        x0 = x0.relu()
+    y0 = torch.randn(4, 6, 9, 9, generator=gen)
+    g = torch.randn(4, 6, 9, 9, generator=gen)
+    qmin, qmax = (0, 15) if mode != "sym" else (-8, 7)
+    gf = lsq_grad_factor(qmax, x0.numel())
+    assert can_add_fused(x0, y0)
+    res = []
+    for fused in (True, False):
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        raw_s = torch.tensor([0.13], requires_grad=True)
+        raw_z = torch.tensor([3.4], requires_grad=True) if mode == "z" else None
+        if fused:
+            out = fake_quant_add(x, y, raw_s, raw_z, qmin, qmax, gf, MIN_SCALE, mode == "offset", relu)
+        else:
+            xin = x.relu() if relu else x  # x >= 0: the same values, and the ReLU's backward
+            out = fake_quant_learned(xin, raw_s, raw_z, qmin, qmax, gf, MIN_SCALE, None, mode == "offset")[0] + y
+        out.backward(g)
+        res.append([out.detach(), x.grad, y.grad, raw_s.grad] + ([raw_z.grad] if raw_z is not None else []))
+    for a, b in zip(*res):
+        assert torch.equal(bits(a), bits(b))
+
+
+def test_fused_residual_adds_change_no_gradient(monkeypatch):
+    """A GPG sandwich step on a ResNet-20 with the residual adds fused
+    (elastic.FUSE_ADD) and without: the same losses and gradients to the bit, also in a
+    grad-l1 step (its double backward takes the traced path)."""
+    from dataclasses import replace
+
+    from deployq import elastic, quant
+    from deployq.train import TrainConfig, choose_subnets, sandwich_step
+
+    fused_calls = []
+    apply = quant._FakeQuantAdd.apply
+    monkeypatch.setattr(quant._FakeQuantAdd, "apply", lambda *a: fused_calls.append(1) or apply(*a))
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, input_size=8, width=4)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 3, 8, 8))
+    cfg = TrainConfig(input_size=8, width=4)
+    net = convert(model.eval(), cfg.space)
+    net.calibrate([torch.randn(16, 3, 8, 8).abs() for _ in range(2)])
+    net.train()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    for c, l1 in ((cfg, False), (replace(cfg, grad_l1_a=1e-3, grad_l1_w=1e-3), True)):
+        specs = choose_subnets(net, random.Random(2), c)
+        out = []
+        for fuse in (True, False):
+            elastic.FUSE_ADD = fuse
+            try:
+                net.zero_grad(set_to_none=True)
+                loss = sandwich_step(net, net, x, y, specs, c, grad_l1_on=l1)
+            finally:
+                elastic.FUSE_ADD = True
+            out.append((loss, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+        (la, ga), (lb, gb) = out
+        assert len(fused_calls) == 27  # 9 adds a subnet, 3 subnets: all fused, and only when asked
+        fused_calls.clear()
+        assert la == lb and ga.keys() == gb.keys()
+        for n in ga:
+            assert torch.equal(bits(ga[n]), bits(gb[n])), n

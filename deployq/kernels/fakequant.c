@@ -32,7 +32,7 @@ static inline float clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-int deployq_fq_abi(void) { return 7; }
+int deployq_fq_abi(void) { return 8; }
 
 /* mode 0: no zero-point (t = rne(x/s)); 1: t += z, no subtraction (a fixed zero-point
  * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. fq_t and fq_out are
@@ -319,17 +319,40 @@ void deployq_fq_backward(const float *g, const float *t, const float *out, const
     }
 }
 
-/* fwd_row without t, over threads for a large row */
-static void fwd_row_nt(const float *x, float *out, int64_t k, float s, float z, int mode, float qmin, float qmax) {
-    if (mode == 0)
-        fwd_row(x, 0, out, k, s, 0.0f, 0, qmin, qmax);
-    else if (mode == 1)
-        fwd_row(x, 0, out, k, s, 0.0f, 1, qmin, qmax);
-    else
-        fwd_row(x, 0, out, k, s, z, 2, qmin, qmax);
+/* fwd_row without t, over threads for a large row; y (NULL: none) added to the output (a
+ * residual add's other operand: the same float add as torch's a + b), so that the
+ * fake-quantized x itself is never written */
+static inline __attribute__((always_inline)) void fwd_row_add(const float *x, const float *y, float *out,
+                                                              int64_t k, float s, float z, const int mode,
+                                                              float qmin, float qmax) {
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        PREFETCH(x + i + PD);
+        PREFETCH(y + i + PD);
+#pragma GCC ivdep
+        for (int l = 0; l < 16; l++) out[i + l] = fq_out(fq_t(x[i + l], s, z, mode), s, z, mode, qmin, qmax) + y[i + l];
+    }
+    for (; i < k; i++) out[i] = fq_out(fq_t(x[i], s, z, mode), s, z, mode, qmin, qmax) + y[i];
 }
-static void fwd_par(const float *x, float *out, int64_t k, float s, float z, int mode, float qmin, float qmax,
-                    int nt) {
+static void fwd_row_nt(const float *x, const float *y, float *out, int64_t k, float s, float z, int mode, float qmin,
+                       float qmax) {
+    if (y) {
+        if (mode == 0)
+            fwd_row_add(x, y, out, k, s, 0.0f, 0, qmin, qmax);
+        else if (mode == 1)
+            fwd_row_add(x, y, out, k, s, 0.0f, 1, qmin, qmax);
+        else
+            fwd_row_add(x, y, out, k, s, z, 2, qmin, qmax);
+    } else if (mode == 0) {
+        fwd_row(x, 0, out, k, s, 0.0f, 0, qmin, qmax);
+    } else if (mode == 1) {
+        fwd_row(x, 0, out, k, s, 0.0f, 1, qmin, qmax);
+    } else {
+        fwd_row(x, 0, out, k, s, z, 2, qmin, qmax);
+    }
+}
+static void fwd_par(const float *x, const float *y, float *out, int64_t k, float s, float z, int mode, float qmin,
+                    float qmax, int nt) {
     nt = threads_for(k, nt);
 #ifdef _OPENMP
     if (nt > 1) {
@@ -337,12 +360,29 @@ static void fwd_par(const float *x, float *out, int64_t k, float s, float z, int
         {
             int64_t b, e;
             chunk(k, omp_get_num_threads(), omp_get_thread_num(), &b, &e);
-            if (e > b) fwd_row_nt(x + b, out + b, e - b, s, z, mode, qmin, qmax);
+            if (e > b) fwd_row_nt(x + b, y ? y + b : 0, out + b, e - b, s, z, mode, qmin, qmax);
         }
         return;
     }
 #endif
-    fwd_row_nt(x, out, k, s, z, mode, qmin, qmax);
+    fwd_row_nt(x, y, out, k, s, z, mode, qmin, qmax);
+}
+
+/* A cell's step size clamp(|raw_s|, min_scale) to scale[j] and, in mode 2, its zero-point
+ * clamp(rne(raw_z), qmin, qmax) to zq[j] and zmask[j] = (that == rne(raw_z)) (zmask NULL:
+ * not wanted). Returns the zero-point (0 unless mode 2). */
+static inline float cell_params(const float *raw_s, const float *raw_z, int64_t j, int mode, float qmin, float qmax,
+                                float min_scale, float *scale, float *zq, float *zmask) {
+    float a = fabsf(raw_s[j]);
+    scale[j] = a < min_scale ? min_scale : a;
+    float z = 0.0f;
+    if (mode == 2) {
+        float zr = rne(raw_z[j]);
+        z = clampf(zr, qmin, qmax);
+        zq[j] = z;
+        if (zmask) zmask[j] = z == zr ? 1.0f : 0.0f;
+    }
+    return z;
 }
 
 /* LearnedFQ (deployq/quant.py) in one call: from a quantizer's raw cells, the step size
@@ -354,18 +394,18 @@ void deployq_lfq_forward(const float *x, float *out, int64_t c, int64_t k, const
                          int mode, float qmin, float qmax, float min_scale, float *scale, float *zq, float *zmask,
                          int nt) {
     for (int64_t j = 0; j < c; j++) {
-        float a = fabsf(raw_s[j]);
-        float sj = a < min_scale ? min_scale : a;
-        float zj = 0.0f;
-        if (mode == 2) {
-            float zr = rne(raw_z[j]);
-            zj = clampf(zr, qmin, qmax);
-            zq[j] = zj;
-            if (zmask) zmask[j] = zj == zr ? 1.0f : 0.0f;
-        }
-        scale[j] = sj;
-        fwd_par(x + j * k, out + j * k, k, sj, zj, mode, qmin, qmax, nt);
+        float zj = cell_params(raw_s, raw_z, j, mode, qmin, qmax, min_scale, scale, zq, zmask);
+        fwd_par(x + j * k, 0, out + j * k, k, scale[j], zj, mode, qmin, qmax, nt);
     }
+}
+
+/* deployq_lfq_forward for one per-tensor cell with y added to the output (fwd_row_add);
+ * the backward is deployq_lfq_backward's (it reads x, not the output). */
+void deployq_lfq_forward_add(const float *x, const float *y, float *out, int64_t k, const float *raw_s,
+                             const float *raw_z, int mode, float qmin, float qmax, float min_scale, float *scale,
+                             float *zq, float *zmask, int nt) {
+    float z = cell_params(raw_s, raw_z, 0, mode, qmin, qmax, min_scale, scale, zq, zmask);
+    fwd_par(x, y, out, k, scale[0], z, mode, qmin, qmax, nt);
 }
 
 /* The backward of deployq_lfq_forward from g and x (t and out recomputed): gx (NULL: not
@@ -425,7 +465,7 @@ void deployq_rows_forward(const float *x, int64_t xr, float *out, int64_t r, int
         if (mode[c] == 3)
             memcpy(oi, xi, (size_t)k * sizeof(float));
         else
-            fwd_row_nt(xi, oi, k, scale[c], zq[c], mode[c], qmin[c], qmax[c]);
+            fwd_row_nt(xi, 0, oi, k, scale[c], zq[c], mode[c], qmin[c], qmax[c]);
     }
 }
 

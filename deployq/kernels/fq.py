@@ -102,18 +102,47 @@ def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axi
         return None
     if torch.is_grad_enabled() and (x.requires_grad or raw_s.requires_grad):
         return None  # only inside an autograd Function's forward
-    out = torch.empty_like(x)
-    scale = torch.empty_like(raw_s)
+    bufs = _lfq_outputs(x, raw_s, raw_z, need_z)
+    lib.deployq_lfq_forward(
+        x.data_ptr(), bufs[0].data_ptr(), c, x.numel() // c,
+        *_lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs),
+    )
+    return bufs
+
+
+def _lfq_outputs(x, raw_s, raw_z, need_z: bool):
+    """(out, scale, zq, zmask) for the learned forward kernels to write."""
     zq = torch.empty_like(raw_z) if raw_z is not None else None
     zmask = torch.empty_like(raw_z) if raw_z is not None and need_z else None
-    mode = mode_of(raw_z, zero_offset)
-    lib.deployq_lfq_forward(
-        x.data_ptr(), out.data_ptr(), c, x.numel() // c, raw_s.data_ptr(),
-        raw_z.data_ptr() if raw_z is not None else None, mode, float(qmin), float(qmax), float(min_scale),
-        scale.data_ptr(), zq.data_ptr() if zq is not None else None, zmask.data_ptr() if zmask is not None else None,
-        torch.get_num_threads(),
+    return torch.empty_like(x), torch.empty_like(raw_s), zq, zmask
+
+
+def _lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs) -> tuple:
+    """The learned forward kernels' arguments after x / y / out and the sizes."""
+    _, scale, zq, zmask = bufs
+    return (raw_s.data_ptr(), raw_z.data_ptr() if raw_z is not None else None, mode_of(raw_z, zero_offset),
+            float(qmin), float(qmax), float(min_scale), scale.data_ptr(), zq.data_ptr() if zq is not None else None,
+            zmask.data_ptr() if zmask is not None else None, torch.get_num_threads())
+
+
+def learned_forward_add(x, y, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, zero_offset: bool,
+                        need_z: bool):
+    """learned_forward for one per-tensor cell with y added to the output (x's other
+    operand in a residual add): (out = fake-quant(x) + y, scale, zq, zmask), or None when
+    the kernel does not apply. learned_backward is its backward (it reads x only)."""
+    lib = get()
+    if lib is None or not (_dense(x) and _dense(y) and _dense(raw_s)) or x.numel() == 0 or y.shape != x.shape:
+        return None
+    if raw_s.numel() != 1 or (raw_z is not None and not (_dense(raw_z) and raw_z.numel() == 1)):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or raw_s.requires_grad):
+        return None  # only inside an autograd Function's forward
+    bufs = _lfq_outputs(x, raw_s, raw_z, need_z)
+    lib.deployq_lfq_forward_add(
+        x.data_ptr(), y.data_ptr(), bufs[0].data_ptr(), x.numel(),
+        *_lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs),
     )
-    return out, scale, zq, zmask
+    return bufs
 
 
 def learned_backward(g, x, scale, zq, zmask, qmin: int, qmax: int, zero_offset: bool, grad_factor, raw_s,
