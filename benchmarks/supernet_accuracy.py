@@ -437,9 +437,10 @@ def main() -> None:
         digest = source_digest() if args.results else ""
         for title, size, width, lr in settings:
             seeds = args.seeds or [args.seed]
+            paths = {s: result_path(args.results, args, size, s, digest) for s in seeds} if args.results else {}
             results, todo = [], []
             for seed in seeds:
-                path = result_path(args.results, args, size, seed, digest) if args.results else None
+                path = paths.get(seed)
                 if path is None or not path.exists():
                     todo.append(seed)
                     continue
@@ -448,7 +449,7 @@ def main() -> None:
                 print_setting(title, results[-1], args, f"seed {seed}")
             for r in _run_seeds(args, (title, size, width, lr, args, Path(tmp)), todo):
                 if args.results:
-                    save_result(result_path(args.results, args, size, r.seed, digest), r)
+                    save_result(paths[r.seed], r)
                 results.append(r)
                 print_setting(title, r, args, f"seed {r.seed}")
             results.sort(key=lambda r: seeds.index(r.seed))

@@ -274,8 +274,9 @@ class LearnedFQ:
             if self.zmask is not None:
                 self.zmask = self.zmask.view(self.s.shape)
             with torch.no_grad():
-                self.t, _ = _fq_forward(x, self.s, self.z, *self.qrange, self.zero_offset)
-        if out is None:  # forward_add keeps no output: the same float ops again
+                self.t, again = _fq_forward(x, self.s, self.z, *self.qrange, self.zero_offset)
+            out = again if out is None else out  # forward_add keeps no output
+        elif out is None:  # forward_add's node run backward again (retain_graph): t kept, out not
             with torch.no_grad():
                 _, out = _fq_forward(x, self.s, self.z, *self.qrange, self.zero_offset)
         gx, gs, gz = _fq_backward(g, self.t, out, x, self.s, self.zmask, self.bounds, self.grad_factor,

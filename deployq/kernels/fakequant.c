@@ -106,24 +106,47 @@ void deployq_fq_forward(const float *x, float *t, float *out, int64_t c, int64_t
  * reassociation, and a fixed order): sg_out = sum g*out, sgin_x = sum gin*x,
  * sclip = sum (gin - g) = -(sum of g over clamped elements). */
 #define NA 16
-/* hardtanh_backward: g where lo < t < hi (NaN t keeps g), else +0.0; a bit mask rather
- * than a select, which GCC does not always if-convert in these loops */
-/* threshold_backward(g, x, 0) (the ReLU's backward, x its output): g where x > 0 (NaN
- * keeps g), else +0.0 */
-static inline float keep_pos(float gv, float xv) {
-    uint32_t gb, m = xv <= 0.0f ? 0u : 0xffffffffu;
+/* g where `on`, else +0.0: a bit mask rather than a select, which GCC does not always
+ * if-convert in these loops */
+static inline float masked(float gv, int on) {
+    uint32_t gb, m = on ? 0xffffffffu : 0u;
     memcpy(&gb, &gv, 4);
     gb &= m;
     memcpy(&gv, &gb, 4);
     return gv;
 }
-static inline float keep(float gv, float tv, float lo, float hi) {
-    uint32_t gb, m = (tv <= lo) | (tv >= hi) ? 0u : 0xffffffffu;
-    memcpy(&gb, &gv, 4);
-    gb &= m;
-    memcpy(&gv, &gb, 4);
-    return gv;
+/* hardtanh_backward: g where lo < t < hi (NaN t keeps g) */
+static inline float keep(float gv, float tv, float lo, float hi) { return masked(gv, !((tv <= lo) | (tv >= hi))); }
+/* threshold_backward(g, x, 0), the ReLU's backward (x its output): g where x > 0 (NaN keeps g) */
+static inline float keep_pos(float gv, float xv) { return masked(gv, !(xv <= 0.0f)); }
+
+/* One element of a row's backward, x, t and out given as expressions of element j (TV may
+ * read xv, OV tv): the lanes' sums and gx (dx 2: also masked by the ReLU whose output x is). */
+#define BWD_ONE(j, l, XV, TV, OV)                                   \
+    do {                                                            \
+        float gv = g[j], xv = (XV);                                 \
+        float tv = (TV);                                            \
+        float gi = keep(gv, tv, lo, hi);                            \
+        if (ds) {                                                   \
+            a1[l] += (double)gv * (double)(OV);                     \
+            a2[l] += (double)gi * (double)xv;                       \
+        }                                                           \
+        if (dz) a3[l] += (double)gi - (double)gv;                   \
+        if (dx) gx[j] = dx == 2 ? keep_pos(gi, xv) : gi;            \
+    } while (0)
+
+/* The lanes' sums added in lane order: res[0] = sum g*out - sum gin*x, res[1] = sum (gin - g). */
+static inline void lane_sums(const double *a1, const double *a2, const double *a3, double *res) {
+    double s1 = 0, s2 = 0, s3 = 0;
+    for (int l = 0; l < NA; l++) {
+        s1 += a1[l];
+        s2 += a2[l];
+        s3 += a3[l];
+    }
+    res[0] = s1 - s2;
+    res[1] = s3;
 }
+
 static inline __attribute__((always_inline)) void bwd_row(const float *g, const float *t, const float *out,
                                                           const float *x, float *gx, int64_t k, float lo,
                                                           float hi, const int dx, const int ds, const int dz,
@@ -134,35 +157,10 @@ static inline __attribute__((always_inline)) void bwd_row(const float *g, const 
      * no dependence, but GCC's runtime alias check would pick the scalar loop. */
     for (; i + NA <= k; i += NA) {
 #pragma GCC ivdep
-        for (int l = 0; l < NA; l++) {
-            float gv = g[i + l];
-            float gi = keep(gv, t[i + l], lo, hi);
-            if (ds) {
-                a1[l] += (double)gv * (double)out[i + l];
-                a2[l] += (double)gi * (double)x[i + l];
-            }
-            if (dz) a3[l] += (double)gi - (double)gv;
-            if (dx) gx[i + l] = gi;
-        }
+        for (int l = 0; l < NA; l++) BWD_ONE(i + l, l, ds ? x[i + l] : 0.0f, t[i + l], out[i + l]);
     }
-    for (int l = 0; i < k; i++, l++) {
-        float gv = g[i];
-        float gi = keep(gv, t[i], lo, hi);
-        if (ds) {
-            a1[l] += (double)gv * (double)out[i];
-            a2[l] += (double)gi * (double)x[i];
-        }
-        if (dz) a3[l] += (double)gi - (double)gv;
-        if (dx) gx[i] = gi;
-    }
-    double s1 = 0, s2 = 0, s3 = 0;
-    for (int l = 0; l < NA; l++) {
-        s1 += a1[l];
-        s2 += a2[l];
-        s3 += a3[l];
-    }
-    res[0] = s1 - s2;
-    res[1] = s3;
+    for (int l = 0; i < k; i++, l++) BWD_ONE(i, l, ds ? x[i] : 0.0f, t[i], out[i]);
+    lane_sums(a1, a2, a3, res);
 }
 
 /* gx: x's gradient (NULL: not needed; may be g itself); gs: s's gradient per channel
@@ -196,35 +194,16 @@ static inline __attribute__((always_inline)) void bwd_row_x(const float *g, cons
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
     double a1[NA] = {0}, a2[NA] = {0}, a3[NA] = {0};
     int64_t i = 0;
-#define BWD_X_ONE(j, l)                                                     \
-    do {                                                                    \
-        float gv = g[j], xv = x[j];                                         \
-        float tv = fq_t(xv, s, z, mode);                                    \
-        float gi = keep(gv, tv, lo, hi);                                    \
-        if (ds) {                                                           \
-            a1[l] += (double)gv * (double)fq_out(tv, s, z, mode, qmin, qmax); \
-            a2[l] += (double)gi * (double)xv;                               \
-        }                                                                   \
-        if (dz) a3[l] += (double)gi - (double)gv;                           \
-        if (dx) gx[j] = dx == 2 ? keep_pos(gi, xv) : gi;                    \
-    } while (0)
     /* ivdep: gx may be g itself; each element is read before it is written */
     for (; i + NA <= k; i += NA) {
         PREFETCH_W(g + i + PD);
         PREFETCH(x + i + PD);
 #pragma GCC ivdep
-        for (int l = 0; l < NA; l++) BWD_X_ONE(i + l, l);
+        for (int l = 0; l < NA; l++)
+            BWD_ONE(i + l, l, x[i + l], fq_t(xv, s, z, mode), fq_out(tv, s, z, mode, qmin, qmax));
     }
-    for (int l = 0; i < k; i++, l++) BWD_X_ONE(i, l);
-#undef BWD_X_ONE
-    double s1 = 0, s2 = 0, s3 = 0;
-    for (int l = 0; l < NA; l++) {
-        s1 += a1[l];
-        s2 += a2[l];
-        s3 += a3[l];
-    }
-    res[0] = s1 - s2;
-    res[1] = s3;
+    for (int l = 0; i < k; i++, l++) BWD_ONE(i, l, x[i], fq_t(xv, s, z, mode), fq_out(tv, s, z, mode, qmin, qmax));
+    lane_sums(a1, a2, a3, res);
 }
 
 /* bwd_row_x with mode and which outputs are wanted as constants (one loop each). dx: 0 no
