@@ -168,10 +168,10 @@ class ActQuantizer(_CachingQuantizer):
         # Whether calibration saw negative inputs: decides which symmetric kind fits.
         self.register_buffer("signed_input", torch.tensor(True))
         self.register_buffer("calibrated", torch.tensor(False))
-        self.after_relu = False  # reads an AbsorbedReLU's output (set by convert)
+        self.after_relu = False  # reads an AbsorbedReLU (set by convert)
 
     def relu_mask(self) -> bool:
-        """Whether this quantizer's backward, on the tensor it reads, also does the ReLU's."""
+        """Whether this quantizer applies the absorbed ReLU it reads (forward and backward)."""
         return self.after_relu and absorbing()
 
     def _index(self, spec: QuantSpec) -> int:
@@ -395,7 +395,7 @@ def _quant_input(q: ActQuantizer, x: torch.Tensor, act: QuantSpec, stored_bits: 
     """Quantize a layer input. A tensor several layers read is stored once at
     `stored_bits` (one Q on the producer, which keeps it fusable and keeps the
     residual stream at 8 bits); a reader that wants fewer bits requantizes it. Only the
-    Q on x itself takes over an absorbed ReLU's backward."""
+    Q on x itself takes over an absorbed ReLU."""
     relu = q.relu_mask()
     if stored_bits is not None and act.bits != stored_bits:
         x = q(x, act.with_bits(stored_bits), relu)

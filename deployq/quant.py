@@ -213,16 +213,19 @@ class LearnedFQ:
                 need_z: bool, relu: bool = False):
         """Returns (out, scale [shape of raw_scale]); keeps what backward needs. Contiguous
         float32 CPU tensors: all of it in one kernel call (deployq.kernels), which keeps
-        no integer grid t: backward recomputes it from x. relu: x is a ReLU's output whose
-        backward this one takes over (d x masked where x <= 0; deployq/relu_absorb.py)."""
+        no integer grid t: backward recomputes it from x. relu: x is the input of a ReLU
+        whose output only quantizers read; relu(x) is quantized here and the ReLU's backward
+        taken over (d x masked where x <= 0; deployq/relu_absorb.py)."""
         self._keep(raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset, relu)
         fused = _kernel.learned_forward(x, raw_scale, raw_zero_point, qmin, qmax, min_scale, axis, zero_offset,
-                                        need_z)
+                                        need_z, relu)
         if fused is not None:
             # the kernel's layout: s, z and zmask shaped as the raw cells; a and t not kept
             out, scale, self.z, self.zmask = fused
             self.s, self.a, self.t = scale, None, None
             return out, scale
+        if relu:
+            x = torch.relu(x)
         a = raw_scale.abs()
         scale = a.clamp(min=min_scale)
         s = scale
@@ -247,7 +250,7 @@ class LearnedFQ:
         needed). Raises if the kernel does not apply: callers check can_add_fused()."""
         self._keep(raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, zero_offset, relu)
         fused = _kernel.learned_forward_add(x, y, raw_scale, raw_zero_point, qmin, qmax, min_scale, zero_offset,
-                                            need_z)
+                                            need_z, relu)
         if fused is None:
             raise RuntimeError("fake_quant_add needs the compiled kernel on dense float32 CPU tensors")
         out, self.s, self.z, self.zmask = fused
@@ -264,6 +267,9 @@ class LearnedFQ:
                                              self.relu)
             if fused is not None:
                 return fused
+        if self.relu:
+            x = torch.relu(x)  # what the forward quantized (traced: with the ReLU's graph)
+        if self.t is None:
             # e.g. a traced (create_graph) backward: the torch ops on the torch path's layout,
             # t recomputed by the same float ops as the kernel's (a constant, as it was)
             self.a = raw_scale.abs()
@@ -386,7 +392,8 @@ def fake_quant_learned(
     raw_zero_point, both shaped [C] (per channel along `axis` of x) or [1]; gradients
     reach raw_scale through abs and clamp exactly as autograd would take them.
     zero_offset: asymmetric with a fixed zero-point of 0 (raw_zero_point None). relu: x
-    is the output of a ReLU whose backward is taken over here (deployq/relu_absorb.py).
+    is the input of a ReLU taken over here: relu(x) is quantized, and x's gradient takes
+    the ReLU's backward too (deployq/relu_absorb.py).
     Returns (x_hat, s) with s shaped as raw_scale and detached."""
     return _FakeQuantLearned.apply(x, raw_scale, raw_zero_point, qmin, qmax, grad_factor, min_scale, axis, zero_offset,
                                    relu)

@@ -1,18 +1,23 @@
-"""ReLUs whose backward the fake-quantizers after them take over.
+"""ReLUs the fake-quantizers after them take over, forward and backward.
 
-In a quantized forward every reader of a ReLU's output fake-quantizes it first, and
-that fake-quant's backward reads the ReLU's output anyway (it recomputes the integer
-grid from it). Masking its input gradient where that output is 0 is then free, and it
-is exactly the ReLU's backward (threshold_backward(g, y, 0)): the ReLU node can pass its
-gradient through untouched, and a training step saves one pass over every such
-activation gradient. The fake-quant's own step-size and zero-point gradients are taken
-before the mask, as before, so training is bit for bit what it was.
+In a quantized forward every reader of a ReLU's output fake-quantizes it first. The
+quantizer can as well read the ReLU's input and quantize relu(x) in the same pass (the
+compiled kernel applies the ReLU in a register), and its backward, which recomputes the
+integer grid from the tensor it read anyway, masks its input gradient where x <= 0: that
+is the ReLU's backward (threshold_backward(g, relu(x), 0): relu(x) <= 0 exactly where
+x <= 0). The ReLU node then does nothing: its output is never written and its gradient
+never passed over, which saves a training step one read and one write of every such
+activation in the forward and one pass over its gradient in the backward. The
+fake-quant's own step-size and zero-point gradients are taken before the mask, as
+before, so training is bit for bit what it was.
 
 convert() (deployq.elastic) swaps a ReLU for `AbsorbedReLU` only when every reader of
 its output is an elastic layer's activation quantizer, and marks those quantizers. The
 hand-over is on only inside a quantized, differentiable ElasticNet forward that is not
 collecting activations for grad-l1 (whose dL/dy must stay the ReLU output's own
-gradient); everywhere else (float subnets, no_grad, export) AbsorbedReLU is torch.relu.
+gradient); there AbsorbedReLU returns its input unchanged. Everywhere else (float
+subnets, no_grad, export) it is torch.relu. A marked quantizer applies the ReLU while
+the hand-over is on whether or not its input went through it: relu(relu(x)) = relu(x).
 """
 
 from __future__ import annotations
@@ -40,24 +45,13 @@ def absorb(on: bool):
         _ON.reset(token)
 
 
-class _PassGradient(torch.autograd.Function):
-    """relu forward; backward hands the gradient on as it came (the readers masked it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.relu(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
 class AbsorbedReLU(nn.ReLU):
-    """nn.ReLU whose backward, while `absorbing()`, is done by the quantizers reading it."""
+    """nn.ReLU that, while `absorbing()`, hands its input on: the quantizers reading it
+    apply the ReLU (forward and backward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _ON.get() and torch.is_grad_enabled() and x.requires_grad:
-            return _PassGradient.apply(x)
+        if _ON.get():
+            return x
         return torch.relu(x)
 
 

@@ -182,9 +182,9 @@ class RowsFQ:
     __slots__ = ("cells", "raw_s", "relu", "scale", "xr", "zmask", "zq")
 
     def forward(self, x, xr: int, r: int, cells: Cells, need_z: bool, relu: bool = False):
-        """(out [r, k], scale [nc]). relu: x is an absorbed ReLU's output (deployq/relu_absorb.py)."""
+        """(out [r, k], scale [nc]). relu: x is an absorbed ReLU's input (deployq/relu_absorb.py)."""
         raw_s, raw_z = cells.flat()
-        got = _kernel.rows_forward(x, xr, r, cells.plan, raw_s, raw_z, MIN_SCALE, need_z)
+        got = _kernel.rows_forward(x, xr, r, cells.plan, raw_s, raw_z, MIN_SCALE, need_z, relu)
         if got is None:
             raise RuntimeError("stacked subnets need the compiled fake-quant kernel (deployq.kernels)")
         out, self.scale, self.zq, self.zmask = got
@@ -201,7 +201,7 @@ class RowsFQ:
 
 class _StackedFQ(torch.autograd.Function):
     """k per-tensor activation fake-quants, one per batch slice, in one node. cells_ (a
-    Cells) and whether x is an absorbed ReLU's output come as (cells, relu); the raw
+    Cells) and whether x is an absorbed ReLU's input come as (cells, relu); the raw
     Parameters follow as (s, z) per slice so that autograd routes their gradients.
     Returns (out, scales [k], detached)."""
 
@@ -243,8 +243,7 @@ def _stacked_fq(q, x: torch.Tensor, specs: tuple, relu: bool = False) -> tuple[t
 def quant_inputs(q, x: torch.Tensor, acts: tuple, stored_bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x with slice j quantized as acts[j], the k step sizes): elastic._quant_input for
     a stack. A shared tensor is stored once at `stored_bits`; a reader that wants fewer
-    bits requantizes its slices. Only the Q on x itself takes over an absorbed ReLU's
-    backward."""
+    bits requantizes its slices. Only the Q on x itself takes over an absorbed ReLU."""
     if stored_bits is None:
         return _stacked_fq(q, x, acts, q.relu_mask())
     stored, scales = _stacked_fq(q, x, tuple(a.with_bits(stored_bits) for a in acts), q.relu_mask())

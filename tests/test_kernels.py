@@ -211,6 +211,60 @@ def test_learned_kernel_recomputes_the_grid_bit_for_bit(use, seed, grid, per_cha
         assert gz is None and rz is None
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31), grid=st.sampled_from(GRIDS), per_channel=st.booleans(),
+       mode=st.sampled_from(["sym", "offset", "z"]), k=st.sampled_from([1, 15, 16, 17, 80, 70_001]),
+       need=st.sampled_from([(True, True), (True, False), (False, True)]), threads=st.sampled_from([1, 2]))
+def test_learned_kernel_applies_an_absorbed_relu_bit_for_bit(use, seed, grid, per_channel, mode, k, need, threads):
+    """relu=True: the kernel reads a ReLU's input x and does the ReLU (deployq/relu_absorb.py).
+    Forward: what it gives on torch.relu(x), also as a residual add's input; backward: the
+    gradients it gives on relu(x) with the ReLU's backward (threshold_backward) after
+    them, to the bit, -0.0 and NaN passing the ReLU as torch's does. k: around the
+    16-float blocks, and past the threading threshold."""
+    qmin, qmax = grid
+    gen = torch.Generator().manual_seed(seed)
+    c = 3 if per_channel and k < 1000 else 1
+    x = torch.randn(c, k, generator=gen) * 3
+    x.view(-1)[:: 7] = -0.0
+    x.view(-1)[3 :: 11] = float("nan")
+    raw_s = torch.rand(c, generator=gen) * 0.4 + 0.01
+    raw_z = (torch.randint(qmin, qmax + 1, (c,), generator=gen).float() + 0.3) if mode == "z" else None
+    g = torch.randn(c, k, generator=gen)
+    y = torch.randn(c, k, generator=gen)
+    need_x, need_s = need
+    xr = torch.relu(x)
+    use(True)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got, ref = [
+                fq.learned_forward(xin, raw_s, raw_z, qmin, qmax, 1e-8, 0, mode == "offset", True, relu)
+                for xin, relu in ((x, True), (xr, False))
+            ]
+            grads = [
+                fq.learned_backward(g.clone(), xin, got[1], got[2], got[3], qmin, qmax, mode == "offset", 0.03, raw_s,
+                                    1e-8, need_x, need_s, False, relu)
+                for xin, relu in ((x, True), (xr, False))
+            ]
+            if c == 1:
+                add, add_ref = [fq.learned_forward_add(xin, y, raw_s, raw_z, qmin, qmax, 1e-8, mode == "offset", True,
+                                                       relu)[0] for xin, relu in ((x, True), (xr, False))]
+                assert torch.equal(bits(add), bits(add_ref))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(bits(got[0]), bits(ref[0]))
+    (gx, gs, gz), (rx, rs, rz) = grads
+    if need_x:
+        assert torch.equal(bits(gx), bits(torch.ops.aten.threshold_backward(rx, xr, 0.0)))
+    else:
+        assert gx is None
+    for a, b in ((gs, rs), (gz, rz)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(bits(a), bits(b))
+
+
 def test_an_expanded_gradient_runs_the_kernel_on_a_copy(use):
     """A gradient that is not dense (a mean's backward expands it) is copied for the
     kernel rather than sending the whole backward down the torch path."""

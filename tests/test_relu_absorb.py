@@ -118,8 +118,13 @@ def _step(net, cfg, x, y, specs, stacked, absorb, seen):
 
 
 def _grad_fns(net, seen):
-    def hook(_m, _args, out):
-        seen.append(type(out.grad_fn).__name__ if out.grad_fn is not None else None)
+    """Per AbsorbedReLU call: "handed on" when it passed its input through (the quantizers
+    after it apply the ReLU), else its output's grad_fn."""
+    def hook(_m, args, out):
+        if out is args[0]:
+            seen.append("handed on")
+        else:
+            seen.append(type(out.grad_fn).__name__ if out.grad_fn is not None else None)
 
     return [m.register_forward_hook(hook) for m in net.gm.modules() if isinstance(m, AbsorbedReLU)]
 
@@ -146,7 +151,7 @@ def test_a_step_takes_the_same_gradients_bit_for_bit(model, stacked, kernel):
         loss_off, off, fns_off = _step(net, cfg, x, y, specs, stacked, False, seen)
     for h in hooks:
         h.remove()
-    assert set(fns_on) == {"_PassGradientBackward"}  # the hand-over did happen
+    assert set(fns_on) == {"handed on"}  # the hand-over did happen
     assert set(fns_off) == {"ReluBackward0"}
     assert loss_on == loss_off
     assert on.keys() == off.keys()
@@ -186,7 +191,7 @@ def test_float_subnet_no_grad_and_grad_l1_capture_keep_plain_relus():
         h.remove()
     (loss_on, on, fns_on), (loss_off, off, _) = out
     n = len(fns_on) // 3
-    assert set(fns_on[:n]) == {"ReluBackward0"} and set(fns_on[n:]) == {"_PassGradientBackward"}
+    assert set(fns_on[:n]) == {"ReluBackward0"} and set(fns_on[n:]) == {"handed on"}
     assert loss_on == loss_off
     for k in on:
         assert torch.equal(bits(on[k]), bits(off[k])), k
@@ -201,6 +206,4 @@ def test_absorbed_relu_is_a_relu_outside_a_hand_over():
         y = m(x)
         assert relu_absorb.absorbing()
     assert not relu_absorb.absorbing()
-    assert torch.equal(bits(y.detach()), bits(torch.relu(x.detach())))
-    y.backward(torch.full((5,), 3.0))
-    assert torch.equal(x.grad, torch.full((5,), 3.0))  # handed on untouched: the readers mask it
+    assert y is x  # handed on: the quantizers reading it apply the ReLU

@@ -28,7 +28,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = "fakequant.c"
-ABI = 8  # deployq_fq_abi() of a binary this loader can call
+ABI = 9  # deployq_fq_abi() of a binary this loader can call
 # Never -ffast-math: the forward must be IEEE bit for bit (ONNX parity). -ffp-contract=off:
 # no fused multiply-adds (GCC contracts by default in GNU C mode).
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off")
@@ -175,13 +175,13 @@ def _bind(path: Path) -> ctypes.CDLL | None:
     lib.deployq_fq_forward.restype = None
     lib.deployq_fq_backward.argtypes = [p, p, p, p, p, i64, i64, f32, f32, p, p, f32, p, p]
     lib.deployq_fq_backward.restype = None
-    lib.deployq_lfq_forward.argtypes = [p, p, i64, i64, p, p, i32, f32, f32, f32, p, p, p, i32]
+    lib.deployq_lfq_forward.argtypes = [p, p, i64, i64, p, p, i32, f32, f32, f32, p, p, p, i32, i32]
     lib.deployq_lfq_forward.restype = None
-    lib.deployq_lfq_forward_add.argtypes = [p, p, p, i64, p, p, i32, f32, f32, f32, p, p, p, i32]
+    lib.deployq_lfq_forward_add.argtypes = [p, p, p, i64, p, p, i32, f32, f32, f32, p, p, p, i32, i32]
     lib.deployq_lfq_forward_add.restype = None
     lib.deployq_lfq_backward.argtypes = [p, p, p, i64, i64, p, p, i32, f32, f32, p, f32, p, f32, p, p, i32, i32]
     lib.deployq_lfq_backward.restype = None
-    lib.deployq_rows_forward.argtypes = [p, i64, p, i64, i64, p, i64, p, p, p, p, p, f32, p, p, p]
+    lib.deployq_rows_forward.argtypes = [p, i64, p, i64, i64, p, i64, p, p, p, p, p, f32, p, p, p, i32]
     lib.deployq_rows_forward.restype = None
     lib.deployq_rows_backward.argtypes = [p, p, i64, p, i64, i64, p, i64, p, p, p, p, p, p, p, p, f32, p, p, p, i32]
     lib.deployq_rows_backward.restype = None

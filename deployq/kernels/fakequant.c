@@ -32,7 +32,21 @@ static inline float clampf(float v, float lo, float hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
-int deployq_fq_abi(void) { return 8; }
+/* g where `on`, else +0.0: a bit mask rather than a select, which GCC does not always
+ * if-convert in these loops (a select there cost 10x) */
+static inline float masked(float gv, int on) {
+    uint32_t gb, m = on ? 0xffffffffu : 0u;
+    memcpy(&gb, &gv, 4);
+    gb &= m;
+    memcpy(&gv, &gb, 4);
+    return gv;
+}
+/* torch.relu: -0.0 and NaN pass unchanged. The learned entry points take `relu`: x is
+ * the input of a ReLU whose output only they read (deployq/relu_absorb.py), so they
+ * quantize relu(x) and the ReLU's output is never written. */
+static inline float relu_f(float v) { return masked(v, !(v < 0.0f)); }
+
+int deployq_fq_abi(void) { return 9; }
 
 /* mode 0: no zero-point (t = rne(x/s)); 1: t += z, no subtraction (a fixed zero-point
  * of 0: turns -0.0 into +0.0); 2: t += z and out = (clamp(t) - z) * s. fq_t and fq_out are
@@ -57,8 +71,9 @@ static inline __attribute__((always_inline)) float fq_out(float q, float s, floa
 #define PREFETCH_W(p) __builtin_prefetch(p, 1, 0)
 
 static inline __attribute__((always_inline)) void fwd_one(const float *x, float *t, float *out, int64_t i, float s,
-                                                          float z, const int mode, float qmin, float qmax) {
-    float q = fq_t(x[i], s, z, mode);
+                                                          float z, const int mode, float qmin, float qmax,
+                                                          const int rl) {
+    float q = fq_t(rl ? relu_f(x[i]) : x[i], s, z, mode);
     if (t) t[i] = q;
     out[i] = fq_out(q, s, z, mode, qmin, qmax);
 }
@@ -66,23 +81,23 @@ static inline __attribute__((always_inline)) void fwd_one(const float *x, float 
  * check for overlap on every block of 16) */
 static inline __attribute__((always_inline)) void fwd_row(const float *x, float *t, float *out, int64_t k,
                                                           float s, float z, const int mode, float qmin,
-                                                          float qmax) {
+                                                          float qmax, const int rl) {
     int64_t i = 0;
     if (t) {
         for (; i + 16 <= k; i += 16) {
             PREFETCH(x + i + PD);
 #pragma GCC ivdep
-            for (int l = 0; l < 16; l++) fwd_one(x, t, out, i + l, s, z, mode, qmin, qmax);
+            for (int l = 0; l < 16; l++) fwd_one(x, t, out, i + l, s, z, mode, qmin, qmax, rl);
         }
-        for (; i < k; i++) fwd_one(x, t, out, i, s, z, mode, qmin, qmax);
+        for (; i < k; i++) fwd_one(x, t, out, i, s, z, mode, qmin, qmax, rl);
     } else {
         for (; i + 16 <= k; i += 16) {
             PREFETCH(x + i + PD);
             PREFETCH_W(out + i + PD);
 #pragma GCC ivdep
-            for (int l = 0; l < 16; l++) fwd_one(x, 0, out, i + l, s, z, mode, qmin, qmax);
+            for (int l = 0; l < 16; l++) fwd_one(x, 0, out, i + l, s, z, mode, qmin, qmax, rl);
         }
-        for (; i < k; i++) fwd_one(x, 0, out, i, s, z, mode, qmin, qmax);
+        for (; i < k; i++) fwd_one(x, 0, out, i, s, z, mode, qmin, qmax, rl);
     }
 }
 
@@ -93,11 +108,11 @@ void deployq_fq_forward(const float *x, float *t, float *out, int64_t c, int64_t
         const float zj = mode == 2 ? z[j] : 0.0f;
         const int64_t o = j * k;
         if (mode == 0)
-            fwd_row(x + o, t + o, out + o, k, sj, 0.0f, 0, qmin, qmax);
+            fwd_row(x + o, t + o, out + o, k, sj, 0.0f, 0, qmin, qmax, 0);
         else if (mode == 1)
-            fwd_row(x + o, t + o, out + o, k, sj, 0.0f, 1, qmin, qmax);
+            fwd_row(x + o, t + o, out + o, k, sj, 0.0f, 1, qmin, qmax, 0);
         else
-            fwd_row(x + o, t + o, out + o, k, sj, zj, 2, qmin, qmax);
+            fwd_row(x + o, t + o, out + o, k, sj, zj, 2, qmin, qmax, 0);
     }
 }
 
@@ -106,15 +121,6 @@ void deployq_fq_forward(const float *x, float *t, float *out, int64_t c, int64_t
  * reassociation, and a fixed order): sg_out = sum g*out, sgin_x = sum gin*x,
  * sclip = sum (gin - g) = -(sum of g over clamped elements). */
 #define NA 16
-/* g where `on`, else +0.0: a bit mask rather than a select, which GCC does not always
- * if-convert in these loops */
-static inline float masked(float gv, int on) {
-    uint32_t gb, m = on ? 0xffffffffu : 0u;
-    memcpy(&gb, &gv, 4);
-    gb &= m;
-    memcpy(&gv, &gb, 4);
-    return gv;
-}
 /* hardtanh_backward: g where lo < t < hi (NaN t keeps g) */
 static inline float keep(float gv, float tv, float lo, float hi) { return masked(gv, !((tv <= lo) | (tv >= hi))); }
 /* threshold_backward(g, x, 0), the ReLU's backward (x its output): g where x > 0 (NaN keeps g) */
@@ -186,11 +192,12 @@ static void row_sums(const float *g, const float *t, const float *out, const flo
 /* bwd_row from g and x alone: t and out recomputed by the forward's float ops (fq_t,
  * fq_out), so the same bits as stored ones and the same sums in the same order (training
  * is bit for bit what it was with t and out stored). A division per element instead of
- * writing t in the forward and reading t and out back: one stream less each way. */
+ * writing t in the forward and reading t and out back: one stream less each way.
+ * rl: x is a ReLU's input (the forward quantized relu(x)); then dx is 0 or 2. */
 static inline __attribute__((always_inline)) void bwd_row_x(const float *g, const float *x, float *gx, int64_t k,
                                                             float s, float z, const int mode, float qmin,
                                                             float qmax, const int dx, const int ds, const int dz,
-                                                            double *res) {
+                                                            const int rl, double *res) {
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
     double a1[NA] = {0}, a2[NA] = {0}, a3[NA] = {0};
     int64_t i = 0;
@@ -200,33 +207,39 @@ static inline __attribute__((always_inline)) void bwd_row_x(const float *g, cons
         PREFETCH(x + i + PD);
 #pragma GCC ivdep
         for (int l = 0; l < NA; l++)
-            BWD_ONE(i + l, l, x[i + l], fq_t(xv, s, z, mode), fq_out(tv, s, z, mode, qmin, qmax));
+            BWD_ONE(i + l, l, rl ? relu_f(x[i + l]) : x[i + l], fq_t(xv, s, z, mode),
+                    fq_out(tv, s, z, mode, qmin, qmax));
     }
-    for (int l = 0; i < k; i++, l++) BWD_ONE(i, l, x[i], fq_t(xv, s, z, mode), fq_out(tv, s, z, mode, qmin, qmax));
+    for (int l = 0; i < k; i++, l++)
+        BWD_ONE(i, l, rl ? relu_f(x[i]) : x[i], fq_t(xv, s, z, mode), fq_out(tv, s, z, mode, qmin, qmax));
     lane_sums(a1, a2, a3, res);
 }
 
 /* bwd_row_x with mode and which outputs are wanted as constants (one loop each). dx: 0 no
- * x gradient, 1 the fake-quant's, 2 that masked by the ReLU whose output x is (the ReLU's
- * backward taken over: deployq/relu_absorb.py). */
-#define BWD_X(m, fx, fs, fz) bwd_row_x(g, x, gx, k, s, z, m, qmin, qmax, fx, fs, fz, r)
-#define BWD_X_MODE(m)                            \
-    switch (dx * 4 + ds * 2 + dz) {              \
-        case 1: BWD_X(m, 0, 0, 1); break;        \
-        case 2: BWD_X(m, 0, 1, 0); break;        \
-        case 3: BWD_X(m, 0, 1, 1); break;        \
-        case 4: BWD_X(m, 1, 0, 0); break;        \
-        case 5: BWD_X(m, 1, 0, 1); break;        \
-        case 6: BWD_X(m, 1, 1, 0); break;        \
-        case 7: BWD_X(m, 1, 1, 1); break;        \
-        case 8: BWD_X(m, 2, 0, 0); break;        \
-        case 9: BWD_X(m, 2, 0, 1); break;        \
-        case 10: BWD_X(m, 2, 1, 0); break;       \
-        case 11: BWD_X(m, 2, 1, 1); break;       \
-        default: r[0] = r[1] = 0; break;         \
+ * x gradient, 1 the fake-quant's, 2 that masked by the ReLU whose input x is (the ReLU's
+ * backward taken over: deployq/relu_absorb.py); rl: x is that ReLU's input (dx 0 or 2). */
+#define BWD_X(m, fx, fs, fz, fr) bwd_row_x(g, x, gx, k, s, z, m, qmin, qmax, fx, fs, fz, fr, r)
+#define BWD_X_MODE(m)                                  \
+    switch (rl * 16 + (dx != 0) * 4 + ds * 2 + dz) {   \
+        case 1: BWD_X(m, 0, 0, 1, 0); break;           \
+        case 2: BWD_X(m, 0, 1, 0, 0); break;           \
+        case 3: BWD_X(m, 0, 1, 1, 0); break;           \
+        case 4: BWD_X(m, 1, 0, 0, 0); break;           \
+        case 5: BWD_X(m, 1, 0, 1, 0); break;           \
+        case 6: BWD_X(m, 1, 1, 0, 0); break;           \
+        case 7: BWD_X(m, 1, 1, 1, 0); break;           \
+        case 17: BWD_X(m, 0, 0, 1, 1); break;          \
+        case 18: BWD_X(m, 0, 1, 0, 1); break;          \
+        case 19: BWD_X(m, 0, 1, 1, 1); break;          \
+        case 20: BWD_X(m, 2, 0, 0, 1); break;          \
+        case 21: BWD_X(m, 2, 0, 1, 1); break;          \
+        case 22: BWD_X(m, 2, 1, 0, 1); break;          \
+        case 23: BWD_X(m, 2, 1, 1, 1); break;          \
+        default: r[0] = r[1] = 0; break;               \
     }
+/* dx: 0 or 1 (x's gradient wanted); rl as bwd_row_x */
 static void row_sums_x(const float *g, const float *x, float *gx, int64_t k, float s, float z, int mode, float qmin,
-                       float qmax, int dx, int ds, int dz, double *r) {
+                       float qmax, int dx, int ds, int dz, int rl, double *r) {
     if (mode == 0) {
         BWD_X_MODE(0)
     } else if (mode == 1) {
@@ -256,7 +269,7 @@ static __attribute__((unused)) void chunk(int64_t k, int n, int i, int64_t *b, i
 }
 
 static void row_sums_par(const float *g, const float *x, float *gx, int64_t k, float s, float z, int mode,
-                         float qmin, float qmax, int dx, int ds, int dz, double *r, int nt) {
+                         float qmin, float qmax, int dx, int ds, int dz, int rl, double *r, int nt) {
     nt = threads_for(k, nt);
 #ifdef _OPENMP
     if (nt > 1) {
@@ -267,7 +280,7 @@ static void row_sums_par(const float *g, const float *x, float *gx, int64_t k, f
             int n = omp_get_num_threads(), i = omp_get_thread_num();
             int64_t b, e;
             chunk(k, n, i, &b, &e);
-            row_sums_x(g + b, x + b, gx ? gx + b : 0, e - b, s, z, mode, qmin, qmax, dx, ds, dz, part[i]);
+            row_sums_x(g + b, x + b, gx ? gx + b : 0, e - b, s, z, mode, qmin, qmax, dx, ds, dz, rl, part[i]);
             if (i == 0) used = n;
         }
         r[0] = r[1] = 0;
@@ -279,7 +292,7 @@ static void row_sums_par(const float *g, const float *x, float *gx, int64_t k, f
     }
 #endif
     (void)nt;
-    row_sums_x(g, x, gx, k, s, z, mode, qmin, qmax, dx, ds, dz, r);
+    row_sums_x(g, x, gx, k, s, z, mode, qmin, qmax, dx, ds, dz, rl, r);
 }
 
 /* gx: x's gradient (NULL: not needed; may be g itself); gs: s's gradient per channel
@@ -300,38 +313,50 @@ void deployq_fq_backward(const float *g, const float *t, const float *out, const
 
 /* fwd_row without t, over threads for a large row; y (NULL: none) added to the output (a
  * residual add's other operand: the same float add as torch's a + b), so that the
- * fake-quantized x itself is never written */
+ * fake-quantized x itself is never written; rl: relu(x) quantized (relu_f) */
 static inline __attribute__((always_inline)) void fwd_row_add(const float *x, const float *y, float *out,
                                                               int64_t k, float s, float z, const int mode,
-                                                              float qmin, float qmax) {
+                                                              float qmin, float qmax, const int rl) {
     int64_t i = 0;
     for (; i + 16 <= k; i += 16) {
         PREFETCH(x + i + PD);
         PREFETCH(y + i + PD);
 #pragma GCC ivdep
-        for (int l = 0; l < 16; l++) out[i + l] = fq_out(fq_t(x[i + l], s, z, mode), s, z, mode, qmin, qmax) + y[i + l];
+        for (int l = 0; l < 16; l++) {
+            float xv = rl ? relu_f(x[i + l]) : x[i + l];
+            out[i + l] = fq_out(fq_t(xv, s, z, mode), s, z, mode, qmin, qmax) + y[i + l];
+        }
     }
-    for (; i < k; i++) out[i] = fq_out(fq_t(x[i], s, z, mode), s, z, mode, qmin, qmax) + y[i];
+    for (; i < k; i++) out[i] = fq_out(fq_t(rl ? relu_f(x[i]) : x[i], s, z, mode), s, z, mode, qmin, qmax) + y[i];
 }
+/* one of fwd_row / fwd_row_add with mode and rl as constants */
+#define FWD_MODE(call_, rl_)                                  \
+    do {                                                      \
+        if (mode == 0)                                        \
+            call_(0.0f, 0, rl_);                              \
+        else if (mode == 1)                                   \
+            call_(0.0f, 1, rl_);                              \
+        else                                                  \
+            call_(z, 2, rl_);                                 \
+    } while (0)
+#define FWD_ADD(z_, m_, rl_) fwd_row_add(x, y, out, k, s, z_, m_, qmin, qmax, rl_)
+#define FWD_PLAIN(z_, m_, rl_) fwd_row(x, 0, out, k, s, z_, m_, qmin, qmax, rl_)
 static void fwd_row_nt(const float *x, const float *y, float *out, int64_t k, float s, float z, int mode, float qmin,
-                       float qmax) {
-    if (y) {
-        if (mode == 0)
-            fwd_row_add(x, y, out, k, s, 0.0f, 0, qmin, qmax);
-        else if (mode == 1)
-            fwd_row_add(x, y, out, k, s, 0.0f, 1, qmin, qmax);
-        else
-            fwd_row_add(x, y, out, k, s, z, 2, qmin, qmax);
-    } else if (mode == 0) {
-        fwd_row(x, 0, out, k, s, 0.0f, 0, qmin, qmax);
-    } else if (mode == 1) {
-        fwd_row(x, 0, out, k, s, 0.0f, 1, qmin, qmax);
-    } else {
-        fwd_row(x, 0, out, k, s, z, 2, qmin, qmax);
-    }
+                       float qmax, int rl) {
+    if (y && rl)
+        FWD_MODE(FWD_ADD, 1);
+    else if (y)
+        FWD_MODE(FWD_ADD, 0);
+    else if (rl)
+        FWD_MODE(FWD_PLAIN, 1);
+    else
+        FWD_MODE(FWD_PLAIN, 0);
 }
+#undef FWD_PLAIN
+#undef FWD_ADD
+#undef FWD_MODE
 static void fwd_par(const float *x, const float *y, float *out, int64_t k, float s, float z, int mode, float qmin,
-                    float qmax, int nt) {
+                    float qmax, int rl, int nt) {
     nt = threads_for(k, nt);
 #ifdef _OPENMP
     if (nt > 1) {
@@ -339,12 +364,12 @@ static void fwd_par(const float *x, const float *y, float *out, int64_t k, float
         {
             int64_t b, e;
             chunk(k, omp_get_num_threads(), omp_get_thread_num(), &b, &e);
-            if (e > b) fwd_row_nt(x + b, y ? y + b : 0, out + b, e - b, s, z, mode, qmin, qmax);
+            if (e > b) fwd_row_nt(x + b, y ? y + b : 0, out + b, e - b, s, z, mode, qmin, qmax, rl);
         }
         return;
     }
 #endif
-    fwd_row_nt(x, y, out, k, s, z, mode, qmin, qmax);
+    fwd_row_nt(x, y, out, k, s, z, mode, qmin, qmax, rl);
 }
 
 /* A cell's step size clamp(|raw_s|, min_scale) to scale[j] and, in mode 2, its zero-point
@@ -368,13 +393,14 @@ static inline float cell_params(const float *raw_s, const float *raw_z, int64_t 
  * scale = clamp(|raw_s|, min_scale) (written to `scale`, [c]), the zero-point
  * z = clamp(rne(raw_z), qmin, qmax) (mode 2 only: written to `zq`, [c]) and
  * zmask = (z == rne(raw_z)) (NULL: not needed), then out as deployq_fq_forward. t is not
- * kept: deployq_lfq_backward recomputes it from x. nt: threads to use (torch's setting). */
+ * kept: deployq_lfq_backward recomputes it from x. relu: relu(x) is quantized (relu_f).
+ * nt: threads to use (torch's setting). */
 void deployq_lfq_forward(const float *x, float *out, int64_t c, int64_t k, const float *raw_s, const float *raw_z,
                          int mode, float qmin, float qmax, float min_scale, float *scale, float *zq, float *zmask,
-                         int nt) {
+                         int relu, int nt) {
     for (int64_t j = 0; j < c; j++) {
         float zj = cell_params(raw_s, raw_z, j, mode, qmin, qmax, min_scale, scale, zq, zmask);
-        fwd_par(x + j * k, 0, out + j * k, k, scale[j], zj, mode, qmin, qmax, nt);
+        fwd_par(x + j * k, 0, out + j * k, k, scale[j], zj, mode, qmin, qmax, relu, nt);
     }
 }
 
@@ -382,26 +408,27 @@ void deployq_lfq_forward(const float *x, float *out, int64_t c, int64_t k, const
  * the backward is deployq_lfq_backward's (it reads x, not the output). */
 void deployq_lfq_forward_add(const float *x, const float *y, float *out, int64_t k, const float *raw_s,
                              const float *raw_z, int mode, float qmin, float qmax, float min_scale, float *scale,
-                             float *zq, float *zmask, int nt) {
+                             float *zq, float *zmask, int relu, int nt) {
     float z = cell_params(raw_s, raw_z, 0, mode, qmin, qmax, min_scale, scale, zq, zmask);
-    fwd_par(x, y, out, k, scale[0], z, mode, qmin, qmax, nt);
+    fwd_par(x, y, out, k, scale[0], z, mode, qmin, qmax, relu, nt);
 }
 
 /* The backward of deployq_lfq_forward from g and x (t and out recomputed): gx (NULL: not
  * needed; may be g itself), then the step size's gradient as deployq_fq_backward, taken
  * through scale = clamp(|raw_s|, min_scale) as autograd does (where(|raw| >= min, gs, 0)
  * * sgn(raw)): g_raw_s (NULL: not needed), g_raw_z (NULL unless zmask); zq: the
- * forward's zero-points (mode 2); relu: gx also masked where x <= 0 (x is a ReLU's output
- * and this takes over its backward); nt as above. */
+ * forward's zero-points (mode 2); relu: as in the forward, x is a ReLU's input: t and out
+ * are recomputed from relu(x) and gx is also masked where x <= 0 (the ReLU's backward
+ * taken over); nt as above. */
 void deployq_lfq_backward(const float *g, const float *x, float *gx, int64_t c, int64_t k, const float *scale,
                           const float *zq, int mode, float qmin, float qmax, const float *zmask, float gf,
                           const float *raw_s, float min_scale, float *g_raw_s, float *g_raw_z, int relu, int nt) {
-    const int dx = gx != 0 ? (relu ? 2 : 1) : 0, ds = g_raw_s != 0, dz = g_raw_z != 0;
+    const int dx = gx != 0, ds = g_raw_s != 0, dz = g_raw_z != 0;
     for (int64_t j = 0; j < c; j++) {
         const int64_t o = j * k;
         double r[2];
         row_sums_par(g + o, x + o, dx ? gx + o : 0, k, scale[j], mode == 2 ? zq[j] : 0.0f, mode, qmin, qmax, dx, ds,
-                     dz, r, nt);
+                     dz, relu, r, nt);
         if (dz) g_raw_z[j] = (((float)r[1] * scale[j]) * zmask[j]) * gf;
         if (ds) {
             float gs = ((float)r[0] / scale[j]) * gf;
@@ -420,11 +447,12 @@ void deployq_lfq_backward(const float *g, const float *x, float *gx, int64_t c, 
  * qmax[c]. A per-tensor cell is one scalar many rows share; a per-channel cell is one
  * scalar per row. Writes scale[c], zq[c] (the zero-point; 0 unless mode 2) and, if zmask
  * is not NULL, zmask[c] (mode 2; 1 elsewhere) as deployq_lfq_forward. Each row's floats
- * are those of deployq_lfq_forward on that row alone. */
+ * are those of deployq_lfq_forward on that row alone. relu: as there (mode-3 rows pass
+ * relu(x)). */
 void deployq_rows_forward(const float *x, int64_t xr, float *out, int64_t r, int64_t k, const int32_t *cell_of,
                           int64_t nc, const float *raw_s, const float *raw_z, const int32_t *mode,
                           const float *qmin, const float *qmax, float min_scale, float *scale, float *zq,
-                          float *zmask) {
+                          float *zmask, int relu) {
     for (int64_t c = 0; c < nc; c++) {
         float a = fabsf(raw_s[c]);
         scale[c] = a < min_scale ? min_scale : a;
@@ -441,10 +469,12 @@ void deployq_rows_forward(const float *x, int64_t xr, float *out, int64_t r, int
         const int32_t c = cell_of[i];
         const float *xi = x + (i % xr) * k;
         float *oi = out + i * k;
-        if (mode[c] == 3)
+        if (mode[c] == 3 && relu)
+            for (int64_t j = 0; j < k; j++) oi[j] = relu_f(xi[j]);
+        else if (mode[c] == 3)
             memcpy(oi, xi, (size_t)k * sizeof(float));
         else
-            fwd_row_nt(xi, 0, oi, k, scale[c], zq[c], mode[c], qmin[c], qmax[c]);
+            fwd_row_nt(xi, 0, oi, k, scale[c], zq[c], mode[c], qmin[c], qmax[c], relu);
     }
 }
 
@@ -460,13 +490,13 @@ void deployq_rows_backward(const float *g, const float *x, int64_t xr, float *gx
                            const float *qmax, const float *scale, const float *zq, const float *zmask,
                            const float *gf, const float *raw_s, float min_scale, double *acc, float *g_raw_s,
                            float *g_raw_z, int relu) {
-    const int dx = gx != 0 ? (relu ? 2 : 1) : 0, ds = g_raw_s != 0;
+    const int dx = gx != 0, ds = g_raw_s != 0;
     for (int64_t c = 0; c < 2 * nc; c++) acc[c] = 0.0;
     for (int64_t i = 0; i < r; i++) {
         const int32_t c = cell_of[i];
         const int64_t o = i * k;
         if (mode[c] == 3) {
-            if (dx == 2) {
+            if (dx && relu) {
                 const float *xi = x + (i % xr) * k;
                 for (int64_t j = 0; j < k; j++) gx[o + j] = keep_pos(g[o + j], xi[j]);
             } else if (dx && gx + o != g + o) {
@@ -477,7 +507,7 @@ void deployq_rows_backward(const float *g, const float *x, int64_t xr, float *gx
         const int dz = g_raw_z != 0 && mode[c] == 2;
         double rr[2];
         row_sums_x(g + o, x + (i % xr) * k, dx ? gx + o : 0, k, scale[c], zq[c], mode[c], qmin[c], qmax[c], dx, ds,
-                   dz, rr);
+                   dz, relu, rr);
         acc[2 * c] += rr[0];
         acc[2 * c + 1] += rr[1];
     }

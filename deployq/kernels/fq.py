@@ -87,11 +87,12 @@ def backward(g, t, out, x, s, z_mask, bounds, grad_factor, need_x: bool, need_s:
 
 
 def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axis, zero_offset: bool,
-                    need_z: bool):
+                    need_z: bool, relu: bool = False):
     """LearnedFQ.forward's math in one call: (out, scale [shape of raw_s], zq, zmask [shape
     of raw_z] or None), or None when the kernel does not apply. zq: the zero-points the
     forward used ([C], mode 2; else None). The integer grid t is not kept: learned_backward
-    recomputes it from x, which is cheaper than writing it and reading it back."""
+    recomputes it from x, which is cheaper than writing it and reading it back. relu: x is
+    a ReLU's input and relu(x) is quantized (the ReLU's output is never written)."""
     lib = get()
     if lib is None or not (_dense(x) and _dense(raw_s)) or x.numel() == 0:
         return None
@@ -105,7 +106,7 @@ def learned_forward(x, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, axi
     bufs = _lfq_outputs(x, raw_s, raw_z, need_z)
     lib.deployq_lfq_forward(
         x.data_ptr(), bufs[0].data_ptr(), c, x.numel() // c,
-        *_lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs),
+        *_lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs, relu),
     )
     return bufs
 
@@ -117,19 +118,20 @@ def _lfq_outputs(x, raw_s, raw_z, need_z: bool):
     return torch.empty_like(x), torch.empty_like(raw_s), zq, zmask
 
 
-def _lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs) -> tuple:
+def _lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs, relu: bool) -> tuple:
     """The learned forward kernels' arguments after x / y / out and the sizes."""
     _, scale, zq, zmask = bufs
     return (raw_s.data_ptr(), raw_z.data_ptr() if raw_z is not None else None, mode_of(raw_z, zero_offset),
             float(qmin), float(qmax), float(min_scale), scale.data_ptr(), zq.data_ptr() if zq is not None else None,
-            zmask.data_ptr() if zmask is not None else None, torch.get_num_threads())
+            zmask.data_ptr() if zmask is not None else None, int(relu), torch.get_num_threads())
 
 
 def learned_forward_add(x, y, raw_s, raw_z, qmin: int, qmax: int, min_scale: float, zero_offset: bool,
-                        need_z: bool):
+                        need_z: bool, relu: bool = False):
     """learned_forward for one per-tensor cell with y added to the output (x's other
     operand in a residual add): (out = fake-quant(x) + y, scale, zq, zmask), or None when
-    the kernel does not apply. learned_backward is its backward (it reads x only)."""
+    the kernel does not apply. learned_backward is its backward (it reads x only). relu:
+    as learned_forward."""
     lib = get()
     if lib is None or not (_dense(x) and _dense(y) and _dense(raw_s)) or x.numel() == 0 or y.shape != x.shape:
         return None
@@ -140,7 +142,7 @@ def learned_forward_add(x, y, raw_s, raw_z, qmin: int, qmax: int, min_scale: flo
     bufs = _lfq_outputs(x, raw_s, raw_z, need_z)
     lib.deployq_lfq_forward_add(
         x.data_ptr(), y.data_ptr(), bufs[0].data_ptr(), x.numel(),
-        *_lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs),
+        *_lfq_args(raw_s, raw_z, qmin, qmax, min_scale, zero_offset, bufs, relu),
     )
     return bufs
 
@@ -149,7 +151,8 @@ def learned_backward(g, x, scale, zq, zmask, qmin: int, qmax: int, zero_offset: 
                      min_scale: float, need_x: bool, need_s: bool, reuse_g: bool, relu: bool = False):
     """LearnedFQ.backward's math (after learned_forward, x as it had) in one call: (d x,
     d raw_s, d raw_z), or None when the kernel does not apply (e.g. grad mode: a traced
-    backward). relu: x is a ReLU's output and d x also takes the ReLU's backward."""
+    backward). relu: as the forward had it (t recomputed from relu(x), and d x also takes
+    the ReLU's backward)."""
     if torch.is_grad_enabled() or not (_dense(x) and g.shape == x.shape):
         return None
     lib = get()
@@ -174,13 +177,14 @@ def learned_backward(g, x, scale, zq, zmask, qmin: int, qmax: int, zero_offset: 
     return gx, gs, gz
 
 
-def rows_forward(x, xr: int, r: int, plan, raw_s, raw_z, min_scale: float, need_z: bool):
+def rows_forward(x, xr: int, r: int, plan, raw_s, raw_z, min_scale: float, need_z: bool, relu: bool = False):
     """Many fake-quants in one call (deployq_rows_forward): x holds xr rows, the output r
     rows of x.numel() // xr floats; plan (deployq.stacked.RowsPlan) maps rows to step-size
     scalars and holds their modes and ranges; raw_s / raw_z: those scalars' raw cells,
     flat. Returns (out [r, k], scale [nc], zq [nc], zmask [nc] or None), or None when the
     kernel is unavailable or the tensors are not dense float32 CPU tensors. zq: the
-    zero-points used (0 unless mode 2); rows_backward recomputes t from x."""
+    zero-points used (0 unless mode 2); rows_backward recomputes t from x. relu: as
+    learned_forward."""
     lib = get()
     if lib is None or not (_dense(x) and _dense(raw_s) and _dense(raw_z)) or x.numel() == 0:
         return None
@@ -193,6 +197,7 @@ def rows_forward(x, xr: int, r: int, plan, raw_s, raw_z, min_scale: float, need_
     lib.deployq_rows_forward(
         x.data_ptr(), xr, out.data_ptr(), r, k, cell_of, plan.nc, raw_s.data_ptr(), raw_z.data_ptr(), mode, qmin,
         qmax, min_scale, scale.data_ptr(), zq.data_ptr(), zmask.data_ptr() if zmask is not None else None,
+        int(relu),
     )
     return out, scale, zq, zmask
 
