@@ -205,7 +205,7 @@ def result_from_json(d: dict) -> SettingResult:
 
 # The options that change what a seed measures (not --only, --seeds, --jobs, --verbose).
 _MEASURING = ("epochs", "warmup_epochs", "warmup_lr", "lr", "lr_quant", "lr_ramp_epochs", "calibration",
-              "lowest_bits_pool", "distill", "repeats")
+              "lowest_bits_pool", "middle_uniform", "lowest_teacher", "distill", "repeats")
 
 
 _THIS = Path(__file__).resolve()
@@ -249,6 +249,8 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path, s
         seed=seed,
         calibration=args.calibration,
         lowest_bits_pool=args.lowest_bits_pool,
+        middle_uniform=args.middle_uniform,
+        lowest_teacher=args.lowest_teacher,
         distill=args.distill,
     )
     say = _Printer(True)
@@ -359,7 +361,9 @@ def print_setting(title: str, r: SettingResult, args, what: str) -> None:
     took = f"{what} took {r.seconds:.0f} s" + (" of compute, summed over the seeds" if r.seed < 0 else "")
     print(f"({took}; supernet {args.epochs} epochs from the FP32 weights, "
           f"weight lr {r.lr_weights:g}{', FP32 teacher' if args.distill else ''}"
-          f"{f', lowest subnet from the {args.lowest_bits_pool} lowest bit-widths' if args.lowest_bits_pool > 1 else ''})")
+          f"{f', lowest subnet from the {args.lowest_bits_pool} lowest bit-widths' if args.lowest_bits_pool > 1 else ''}"
+          f"{f', random subnet uniform with p {args.middle_uniform:g}' if args.middle_uniform > 0 else ''}"
+          f", lowest subnet's teacher: {args.lowest_teacher})")
 
 
 def print_seed_summary(results: list[SettingResult]) -> None:
@@ -413,6 +417,10 @@ def main() -> None:
     ap.add_argument("--calibration", default=TrainConfig.calibration, help="search | minmax | hybrid")
     ap.add_argument("--lowest-bits-pool", type=int, default=TrainConfig.lowest_bits_pool,
                     help="the sandwich's lowest subnet draws its bits from the space's N lowest")
+    ap.add_argument("--middle-uniform", type=float, default=TrainConfig.middle_uniform,
+                    help="probability the sandwich's random subnet is the uniform one just above the lowest pool")
+    ap.add_argument("--lowest-teacher", choices=["highest", "random"], default=TrainConfig.lowest_teacher,
+                    help="the lowest subnet's GPG teacher")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
     ap.add_argument("--jobs", type=int, default=1,

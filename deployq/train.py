@@ -52,6 +52,7 @@ DEFAULT_FORMS = (
 PER_TENSOR_REFERENCE = Form(weight_per_channel=False, weight_symmetric=False, act_symmetric=False)
 CLIP_VALUE = 1.0
 STACKED_CHOICES = ("auto", "on", "off")
+LOWEST_TEACHERS = ("highest", "random")
 ALL_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -104,13 +105,20 @@ class TrainConfig:
     distill: bool = False
     lowest_per_tensor: float = 0.5  # probability the lowest subnet uses a per-tensor form
     # The lowest subnet's bit-width is drawn from the space's N lowest (1: always the lowest,
-    # EQ-Net's sandwich). With 1, 3-bit cells are trained only through the random subnet's
-    # per-layer draws and the 8x8 benchmark's 3-bit cells sat 0.6-1.8 points under FP32
-    # (five seeds); with 2 they sit within 0.2-0.5 of it at the same 4..8-bit accuracy and a
-    # lower val NLL (0.043 vs 0.048), while 2-bit stays well inside its target. Pools of 3,
-    # a uniform random subnet half the time, distillation, weight EMA, a pull toward the FP32
-    # weights, 40/120 epochs and weight lr 2e-3/8e-3 were no better (README, "Supernet accuracy").
-    lowest_bits_pool: int = 2
+    # EQ-Net's sandwich). With 1 alone, 3-bit cells are trained only through the random
+    # subnet's per-layer draws and the 8x8 benchmark's 3-bit cells sat 0.6-1.8 points under
+    # FP32 (five seeds): `middle_uniform` trains them directly instead. A pool of 2 does
+    # that too, but the 2-bit subnet then trains every other step and fell 1.0-1.3 points
+    # behind dedicated 2-bit QAT at 8x8 (README, "Supernet accuracy").
+    lowest_bits_pool: int = 1
+    # Probability that the sandwich's random subnet is instead the uniform subnet at the
+    # bit-width just above the lowest subnet's pool (3 bits in the default 2..8 space), in
+    # a random form: the bit-width the lowest subnet no longer trains.
+    middle_uniform: float = 0.5
+    # The lowest subnet's GPG teacher: "highest" (the sandwich's first subnet) or "random"
+    # (the one before it, EQ-Net's chain). The highest is the better-trained teacher; at
+    # 8x8 it raised the 4..8-bit cells (README, "Supernet accuracy").
+    lowest_teacher: str = "highest"
     final_eval: bool = True  # uniform-subnet table on the val split at the end
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     # Run the sandwich's subnets as one stacked batch (deployq.stacked): "auto" does where
@@ -150,6 +158,11 @@ class TrainConfig:
             raise UserError(f"lowest_bits_pool must be >= 1; got {self.lowest_bits_pool}")
         if not 0.0 <= self.lowest_per_tensor <= 1.0:
             raise UserError("lowest_per_tensor must be a probability")
+        if not 0.0 <= self.middle_uniform <= 1.0:
+            raise UserError(f"middle_uniform must be a probability in [0, 1]; got {self.middle_uniform}")
+        if self.lowest_teacher not in LOWEST_TEACHERS:
+            raise UserError(f"lowest_teacher must be one of {', '.join(LOWEST_TEACHERS)}; "
+                            f"got {self.lowest_teacher!r}")
         for name in ("input_size", "width"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -512,12 +525,28 @@ def choose_subnets(net, rng: random.Random, cfg: TrainConfig) -> list:
     else:
         form_l = rng.choice(low_forms)
     middle = net.sample(rng)
-    if cfg.lowest_bits_pool == 1:
-        return [net.highest(form_h), middle, net.lowest(form_l)]
-    i = rng.randrange(cfg.lowest_bits_pool)
     wbits, abits = sorted(space.wbits), sorted(space.abits)
-    lowest = net.uniform_spec(form_l, wbits[min(i, len(wbits) - 1)], abits[min(i, len(abits) - 1)])
+
+    def uniform(form, i: int):
+        return net.uniform_spec(form, wbits[min(i, len(wbits) - 1)], abits[min(i, len(abits) - 1)])
+
+    if cfg.lowest_bits_pool == 1:
+        lowest = net.lowest(form_l)
+    else:
+        lowest = uniform(form_l, rng.randrange(cfg.lowest_bits_pool))
+    if cfg.middle_uniform > 0 and rng.random() < cfg.middle_uniform:
+        middle = uniform(rng.choice(space.forms), cfg.lowest_bits_pool)
     return [net.highest(form_h), middle, lowest]
+
+
+def _teacher_of(i: int, last: int, logits: list, cfg: TrainConfig):
+    """Subnet i's GPG teacher among the logits of the subnets before it (detached): the one
+    just before, or for the lowest (last) subnet the highest when cfg.lowest_teacher says so."""
+    if i == 0:
+        return None
+    if i == last and cfg.lowest_teacher == "highest":
+        return logits[0]
+    return logits[i - 1]
 
 
 def single_subnet(space: ElasticSpace) -> bool:
@@ -568,11 +597,12 @@ def sandwich_step(
     `teacher` a frozen float model whose logits the first subnet learns from (GPG).
     Returns the summed loss."""
     total = 0.0
-    teacher_logits = None
+    head_teacher = None
     if teacher is not None and cfg.gpg:
         with torch.no_grad():
-            teacher_logits = teacher(x)
+            head_teacher = teacher(x)
     last = len(specs) - 1
+    seen: list[torch.Tensor] = []
     for i, spec in enumerate(specs):
         net.set_active(spec)
         ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
@@ -580,7 +610,7 @@ def sandwich_step(
             capture = grad_l1_on and i == 0 and cfg.grad_l1_a > 0
             with _capture_activations(net, capture) as acts:
                 logits = forward(x)
-            loss = _subnet_loss(logits, y, teacher_logits, cfg)
+            loss = _subnet_loss(logits, y, head_teacher if i == 0 else _teacher_of(i, last, seen, cfg), cfg)
             if i == 0 and grad_l1_on:
                 from deployq.losses import grad_l1
 
@@ -590,7 +620,7 @@ def sandwich_step(
                 loss = _with_wdr(loss, net, cfg)
             loss.backward()
         total += float(loss.detach())
-        teacher_logits = logits.detach()
+        seen.append(logits.detach())
     return total
 
 
@@ -623,20 +653,20 @@ def stacked_sandwich_step(
     subnet j-1's output, detached, as in the sequential sandwich. No gradient-l1 (that
     needs a double backward): the caller runs the sequential sandwich then."""
     k = len(specs)
-    teacher_logits = None
+    head_teacher = None
     if teacher is not None and cfg.gpg:
         with torch.no_grad():
-            teacher_logits = teacher(x)
+            head_teacher = teacher(x)
     net.set_active_stack(specs)
     try:
         logits = forward(x.repeat(k, *([1] * (x.dim() - 1)))).chunk(k)
     finally:
         net.set_active(None)
     losses = []
+    seen = [out.detach() for out in logits]
     for i, out in enumerate(logits):
-        loss = _subnet_loss(out, y, teacher_logits, cfg)
+        loss = _subnet_loss(out, y, head_teacher if i == 0 else _teacher_of(i, k - 1, seen, cfg), cfg)
         losses.append(_with_wdr(loss, net, cfg) if i == 0 else loss)
-        teacher_logits = out.detach()
     torch.stack(losses).sum().backward()
     return float(sum(float(v.detach()) for v in losses))
 

@@ -255,7 +255,8 @@ def test_cli_train_defaults_are_the_library_defaults():
     cfg = TrainConfig()
     pairs = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr_weights", "lr_quant": "lr_quant",
              "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr", "lr_ramp_epochs": "lr_ramp_epochs",
-             "lowest_bits_pool": "lowest_bits_pool"}
+             "lowest_bits_pool": "lowest_bits_pool", "middle_uniform": "middle_uniform",
+             "lowest_teacher": "lowest_teacher"}
     for cli_name, field in pairs.items():
         assert params[cli_name].default == getattr(cfg, field), cli_name
     for flag, field in {"no_wdr": "wdr", "no_gpg": "gpg"}.items():
@@ -298,6 +299,75 @@ def test_sandwich_step_distills_the_first_subnet_from_the_teacher():
     assert sandwich_step(net, net, x, y, [spec], replace_cfg(cfg, gpg=False), teacher=teacher) == pytest.approx(
         want_ce, rel=1e-5
     )
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked):
+    """GPG: the random subnet learns from the highest; the lowest from the highest
+    ("highest", the default) or from the random one ("random", EQ-Net's chain)."""
+    import random
+
+    from deployq.elastic import convert
+    from deployq.losses import gpg_loss
+    from deployq.train import choose_subnets, sandwich_step, stacked_sandwich_step
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4).eval()
+    cfg = TrainConfig(input_size=8, width=4, wdr=False)
+    net = convert(model, cfg.space)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    net.calibrate([x])
+    specs = choose_subnets(net, random.Random(1), cfg)
+    with torch.no_grad():
+        outs = []
+        for spec in specs:
+            net.set_active(spec)
+            outs.append(net(x))
+        net.set_active(None)
+    hi, mid, low = outs
+    head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
+    want = {"highest": head + float(gpg_loss(low, y, hi)), "random": head + float(gpg_loss(low, y, mid))}
+    assert abs(want["highest"] - want["random"]) > 1e-4  # the two teachers differ here
+    step = stacked_sandwich_step if stacked else sandwich_step
+    for name, value in want.items():
+        net.zero_grad(set_to_none=True)
+        got = step(net, net, x, y, specs, replace_cfg(cfg, lowest_teacher=name))
+        assert got == pytest.approx(value, rel=1e-5), name
+    with pytest.raises(UserError, match="lowest_teacher"):
+        TrainConfig(lowest_teacher="middle")
+
+
+def test_middle_uniform_makes_the_random_subnet_uniform_above_the_lowest_pool():
+    import random
+
+    from deployq.elastic import convert
+    from deployq.train import choose_subnets
+
+    cfg = TrainConfig(input_size=8, width=4)
+    net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), cfg.space)
+
+    def middles(**kw):
+        c = TrainConfig(input_size=8, width=4, **kw)
+        out = []
+        for seed in range(40):
+            mid = choose_subnets(net, random.Random(seed), c)[1]
+            elastic = {(ls.weight.bits, ls.act.bits) for n, ls in mid.layers.items()
+                       if n not in net.fixed_layers and ls.weight is not None}
+            out.append(elastic)
+        return out
+
+    assert all(m == {(3, 3)} for m in middles(middle_uniform=1.0))
+    assert all(m == {(4, 4)} for m in middles(middle_uniform=1.0, lowest_bits_pool=2))
+    sampled = middles(middle_uniform=0.0)
+    assert all(len(m) > 1 for m in sampled)  # per-layer draws: never uniform here
+    half = middles(middle_uniform=0.5)
+    assert 5 < sum(m == {(3, 3)} for m in half) < 35
+    # its draw comes last: the highest and lowest subnets are the ones drawn without it
+    for seed in range(10):
+        off, on = (choose_subnets(net, random.Random(seed), replace_cfg(cfg, middle_uniform=p)) for p in (0.0, 1.0))
+        assert (off[0], off[2]) == (on[0], on[2]) and off[1] != on[1]
+    with pytest.raises(UserError, match="middle_uniform"):
+        TrainConfig(middle_uniform=1.5)
 
 
 def _reference_adam_step(params, state, lr, rel, b1=0.9, b2=0.999, eps=1e-8):
@@ -447,7 +517,8 @@ def test_lowest_bits_pool_draws_the_lowest_subnet_from_the_n_lowest_widths():
     assert lowest_bits(3) == {(2, 2), (3, 3), (4, 4)}
     # the extra draw comes last: the highest and random subnets are the ones pool 1 picks
     for seed in range(10):
-        one, two = (choose_subnets(net, random.Random(seed), TrainConfig(lowest_bits_pool=n)) for n in (1, 2))
+        one, two = (choose_subnets(net, random.Random(seed), TrainConfig(lowest_bits_pool=n, middle_uniform=0.0))
+                    for n in (1, 2))
         assert one[:2] == two[:2]
     with pytest.raises(UserError, match="lowest_bits_pool"):
         TrainConfig(lowest_bits_pool=0)

@@ -111,9 +111,23 @@ def register(app: typer.Typer) -> None:
             int,
             typer.Option(
                 help="The sandwich's lowest subnet draws its bit-width from the space's N lowest "
-                "(1: always the lowest, as EQ-Net; 2 trains 3-bit subnets directly)."
+                "(1: always the lowest, as EQ-Net)."
             ),
-        ] = 2,
+        ] = 1,
+        middle_uniform: Annotated[
+            float,
+            typer.Option(
+                help="Probability that the sandwich's random subnet is the uniform one at the "
+                "bit-width just above the lowest subnet's pool (trains 3-bit subnets directly)."
+            ),
+        ] = 0.5,
+        lowest_teacher: Annotated[
+            str,
+            typer.Option(
+                help="The lowest subnet's GPG teacher: highest (the sandwich's first subnet) or "
+                "random (the one before it, EQ-Net's chain)."
+            ),
+        ] = "highest",
         lr_ramp_epochs: Annotated[
             float,
             typer.Option(
@@ -185,6 +199,8 @@ def register(app: typer.Typer) -> None:
             gpg=not no_gpg,
             distill=distill,
             lowest_bits_pool=lowest_bits_pool,
+            middle_uniform=middle_uniform,
+            lowest_teacher=lowest_teacher,
             grad_l1_w=grad_l1,
             grad_l1_a=grad_l1_act,
             grad_l1_last=grad_l1_last,
