@@ -113,21 +113,21 @@ def register(app: typer.Typer) -> None:
                 help="The sandwich's lowest subnet draws its bit-width from the space's N lowest "
                 "(1: always the lowest, as EQ-Net)."
             ),
-        ] = 1,
+        ] = 2,
         middle_uniform: Annotated[
             float,
             typer.Option(
                 help="Probability that the sandwich's random subnet is the uniform one at the "
                 "bit-width just above the lowest subnet's pool (trains 3-bit subnets directly)."
             ),
-        ] = 0.5,
+        ] = 0.0,
         lowest_teacher: Annotated[
             str,
             typer.Option(
                 help="The lowest subnet's GPG teacher: highest (the sandwich's first subnet) or "
                 "random (the one before it, EQ-Net's chain)."
             ),
-        ] = "highest",
+        ] = "random",
         lr_ramp_epochs: Annotated[
             float,
             typer.Option(
