@@ -117,7 +117,7 @@ class TrainConfig:
     # The lowest subnet's GPG teacher: "random" (the subnet before it, EQ-Net's chain) or
     # "highest" (the sandwich's first subnet). `lowest_bits_pool=1, middle_uniform=0.5,
     # lowest_teacher="highest"` narrowed the 8x8 2-bit gap to dedicated QAT by a third but
-    # cost the search's ranking (Kendall tau 0.76-0.80 against 0.83-0.85) and one 16x16
+    # cost the search's ranking (Kendall tau 0.76-0.80 against 0.83-0.86) and one 16x16
     # target; it is an option, not the default (README, "Supernet accuracy").
     lowest_teacher: str = "random"
     final_eval: bool = True  # uniform-subnet table on the val split at the end
