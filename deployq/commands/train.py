@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
             float,
             typer.Option(
                 help="Probability that the sandwich's random subnet is the uniform one at the "
-                "bit-width just above the lowest subnet's pool (trains 3-bit subnets directly)."
+                "bit-width just above the lowest subnet's pool (with --lowest-bits-pool 1: 3 bits)."
             ),
         ] = 0.0,
         lowest_teacher: Annotated[
