@@ -531,20 +531,19 @@ def choose_subnets(net, rng: random.Random, cfg: TrainConfig) -> list:
     def uniform(form, i: int):
         return net.uniform_spec(form, wbits[min(i, len(wbits) - 1)], abits[min(i, len(abits) - 1)])
 
-    if cfg.lowest_bits_pool == 1:
-        lowest = net.lowest(form_l)
-    else:
-        lowest = uniform(form_l, rng.randrange(cfg.lowest_bits_pool))
+    # no draw for a pool of 1: EQ-Net's sandwich draws as it always did
+    lowest = uniform(form_l, rng.randrange(cfg.lowest_bits_pool) if cfg.lowest_bits_pool > 1 else 0)
     if cfg.middle_uniform > 0 and rng.random() < cfg.middle_uniform:
         middle = uniform(rng.choice(space.forms), cfg.lowest_bits_pool)
     return [net.highest(form_h), middle, lowest]
 
 
-def _teacher_of(i: int, last: int, logits: list, cfg: TrainConfig):
-    """Subnet i's GPG teacher among the logits of the subnets before it (detached): the one
-    just before, or for the lowest (last) subnet the highest when cfg.lowest_teacher says so."""
+def _teacher_of(i: int, last: int, head, logits: list, cfg: TrainConfig):
+    """Subnet i's GPG teacher: for the first, `head` (the FP32 teacher's logits or None);
+    else among the logits of the subnets before it (detached) the one just before, or for
+    the lowest (last) subnet the highest when cfg.lowest_teacher says so."""
     if i == 0:
-        return None
+        return head
     if i == last and cfg.lowest_teacher == "highest":
         return logits[0]
     return logits[i - 1]
@@ -611,7 +610,7 @@ def sandwich_step(
             capture = grad_l1_on and i == 0 and cfg.grad_l1_a > 0
             with _capture_activations(net, capture) as acts:
                 logits = forward(x)
-            loss = _subnet_loss(logits, y, head_teacher if i == 0 else _teacher_of(i, last, seen, cfg), cfg)
+            loss = _subnet_loss(logits, y, _teacher_of(i, last, head_teacher, seen, cfg), cfg)
             if i == 0 and grad_l1_on:
                 from deployq.losses import grad_l1
 
@@ -651,7 +650,7 @@ def stacked_sandwich_step(
 ) -> float:
     """sandwich_step's gradients and loss with the k subnets run as ONE batch of k
     stacked copies (deployq.stacked): one forward, one backward. Subnet j's teacher is
-    subnet j-1's output, detached, as in the sequential sandwich. No gradient-l1 (that
+    the one the sequential sandwich gives it (_teacher_of), detached. No gradient-l1 (that
     needs a double backward): the caller runs the sequential sandwich then."""
     k = len(specs)
     head_teacher = None
@@ -666,7 +665,7 @@ def stacked_sandwich_step(
     losses = []
     seen = [out.detach() for out in logits]
     for i, out in enumerate(logits):
-        loss = _subnet_loss(out, y, head_teacher if i == 0 else _teacher_of(i, k - 1, seen, cfg), cfg)
+        loss = _subnet_loss(out, y, _teacher_of(i, k - 1, head_teacher, seen, cfg), cfg)
         losses.append(_with_wdr(loss, net, cfg) if i == 0 else loss)
     torch.stack(losses).sum().backward()
     return float(sum(float(v.detach()) for v in losses))

@@ -127,7 +127,8 @@ static inline float keep(float gv, float tv, float lo, float hi) { return masked
 static inline float keep_pos(float gv, float xv) { return masked(gv, !(xv <= 0.0f)); }
 
 /* One element of a row's backward, x, t and out given as expressions of element j (TV may
- * read xv, OV tv): the lanes' sums and gx (dx 2: also masked by the ReLU whose output x is). */
+ * read xv, OV tv): the lanes' sums and gx (rl: also masked where xv <= 0, the ReLU's
+ * backward). */
 #define BWD_ONE(j, l, XV, TV, OV)                                   \
     do {                                                            \
         float gv = g[j], xv = (XV);                                 \
@@ -138,7 +139,7 @@ static inline float keep_pos(float gv, float xv) { return masked(gv, !(xv <= 0.0
             a2[l] += (double)gi * (double)xv;                       \
         }                                                           \
         if (dz) a3[l] += (double)gi - (double)gv;                   \
-        if (dx) gx[j] = dx == 2 ? keep_pos(gi, xv) : gi;            \
+        if (dx) gx[j] = rl ? keep_pos(gi, xv) : gi;                 \
     } while (0)
 
 /* The lanes' sums added in lane order: res[0] = sum g*out - sum gin*x, res[1] = sum (gin - g). */
@@ -157,6 +158,7 @@ static inline __attribute__((always_inline)) void bwd_row(const float *g, const 
                                                           const float *x, float *gx, int64_t k, float lo,
                                                           float hi, const int dx, const int ds, const int dz,
                                                           double *res) {
+    const int rl = 0; /* a stored t: no ReLU taken over */
     double a1[NA] = {0}, a2[NA] = {0}, a3[NA] = {0};
     int64_t i = 0;
     /* ivdep: gx may be g itself; each element is read before it is written, so there is
@@ -193,7 +195,7 @@ static void row_sums(const float *g, const float *t, const float *out, const flo
  * fq_out), so the same bits as stored ones and the same sums in the same order (training
  * is bit for bit what it was with t and out stored). A division per element instead of
  * writing t in the forward and reading t and out back: one stream less each way.
- * rl: x is a ReLU's input (the forward quantized relu(x)); then dx is 0 or 2. */
+ * rl: x is a ReLU's input (the forward quantized relu(x)). */
 static inline __attribute__((always_inline)) void bwd_row_x(const float *g, const float *x, float *gx, int64_t k,
                                                             float s, float z, const int mode, float qmin,
                                                             float qmax, const int dx, const int ds, const int dz,
@@ -215,12 +217,12 @@ static inline __attribute__((always_inline)) void bwd_row_x(const float *g, cons
     lane_sums(a1, a2, a3, res);
 }
 
-/* bwd_row_x with mode and which outputs are wanted as constants (one loop each). dx: 0 no
- * x gradient, 1 the fake-quant's, 2 that masked by the ReLU whose input x is (the ReLU's
- * backward taken over: deployq/relu_absorb.py); rl: x is that ReLU's input (dx 0 or 2). */
+/* bwd_row_x with mode and which outputs are wanted as constants (one loop each). rl: x is
+ * the input of a ReLU taken over (deployq/relu_absorb.py): t and out from relu(x), and x's
+ * gradient (if wanted) also masked where x <= 0. */
 #define BWD_X(m, fx, fs, fz, fr) bwd_row_x(g, x, gx, k, s, z, m, qmin, qmax, fx, fs, fz, fr, r)
 #define BWD_X_MODE(m)                                  \
-    switch (rl * 16 + (dx != 0) * 4 + ds * 2 + dz) {   \
+    switch (rl * 8 + dx * 4 + ds * 2 + dz) {           \
         case 1: BWD_X(m, 0, 0, 1, 0); break;           \
         case 2: BWD_X(m, 0, 1, 0, 0); break;           \
         case 3: BWD_X(m, 0, 1, 1, 0); break;           \
@@ -228,13 +230,13 @@ static inline __attribute__((always_inline)) void bwd_row_x(const float *g, cons
         case 5: BWD_X(m, 1, 0, 1, 0); break;           \
         case 6: BWD_X(m, 1, 1, 0, 0); break;           \
         case 7: BWD_X(m, 1, 1, 1, 0); break;           \
-        case 17: BWD_X(m, 0, 0, 1, 1); break;          \
-        case 18: BWD_X(m, 0, 1, 0, 1); break;          \
-        case 19: BWD_X(m, 0, 1, 1, 1); break;          \
-        case 20: BWD_X(m, 2, 0, 0, 1); break;          \
-        case 21: BWD_X(m, 2, 0, 1, 1); break;          \
-        case 22: BWD_X(m, 2, 1, 0, 1); break;          \
-        case 23: BWD_X(m, 2, 1, 1, 1); break;          \
+        case 9: BWD_X(m, 0, 0, 1, 1); break;           \
+        case 10: BWD_X(m, 0, 1, 0, 1); break;          \
+        case 11: BWD_X(m, 0, 1, 1, 1); break;          \
+        case 12: BWD_X(m, 1, 0, 0, 1); break;          \
+        case 13: BWD_X(m, 1, 0, 1, 1); break;          \
+        case 14: BWD_X(m, 1, 1, 0, 1); break;          \
+        case 15: BWD_X(m, 1, 1, 1, 1); break;          \
         default: r[0] = r[1] = 0; break;               \
     }
 /* dx: 0 or 1 (x's gradient wanted); rl as bwd_row_x */
@@ -454,16 +456,11 @@ void deployq_rows_forward(const float *x, int64_t xr, float *out, int64_t r, int
                           const float *qmin, const float *qmax, float min_scale, float *scale, float *zq,
                           float *zmask, int relu) {
     for (int64_t c = 0; c < nc; c++) {
-        float a = fabsf(raw_s[c]);
-        scale[c] = a < min_scale ? min_scale : a;
-        float zmv = 1.0f, zc = 0.0f;
-        if (mode[c] == 2) {
-            float zr = rne(raw_z[c]);
-            zc = clampf(zr, qmin[c], qmax[c]);
-            zmv = zc == zr ? 1.0f : 0.0f;
+        cell_params(raw_s, raw_z, c, mode[c], qmin[c], qmax[c], min_scale, scale, zq, zmask);
+        if (mode[c] != 2) { /* every cell has a zero-point (0) and a zmask (1) here */
+            zq[c] = 0.0f;
+            if (zmask) zmask[c] = 1.0f;
         }
-        zq[c] = zc;
-        if (zmask) zmask[c] = zmv;
     }
     for (int64_t i = 0; i < r; i++) {
         const int32_t c = cell_of[i];
