@@ -96,6 +96,10 @@ def main() -> None:
         default=True,
         help="also time the supernet with the fake-quant kernel off (the torch path)",
     )
+    ap.add_argument("--lowest-forms", type=int, default=TrainConfig.lowest_forms,
+                    help="TrainConfig.lowest_forms of the supernet step (default: the library's)")
+    ap.add_argument("--also-lowest-forms", type=int, metavar="N",
+                    help="add a column: the step as trained with lowest_forms=N, in the same run")
     ap.add_argument(
         "--threads",
         type=int,
@@ -117,6 +121,7 @@ def main() -> None:
         if args.only and str(size) != args.only:
             continue
         model, net, cfg = build(size, width)
+        cfg = replace(cfg, lowest_forms=args.lowest_forms)
         how = "stacked" if use_stacked(net, cfg, torch.zeros(1, 3, size, size)) else "sequential"
         tf, tq = step_times(model, net, cfg, size, args.repeats)
         ratios = []
@@ -129,19 +134,25 @@ def main() -> None:
                 kf, kq = step_times(model, net, replace(cfg, stacked="off"), size, args.repeats)
         ff, fq = step_times(model, net, cfg, size, args.repeats, quantized=False)
         sf, sq = step_times(model, net, cfg, size, args.repeats, quantized=False, stacked=True)
-        rows.append((title, how, tf, tq, *ratios, kq / kf, fq / ff, sq / sf))
+        also = float("nan")
+        if args.also_lowest_forms is not None:
+            af, aq = step_times(model, net, replace(cfg, lowest_forms=args.also_lowest_forms), size, args.repeats)
+            also = aq / af
+        rows.append((title, how, tf, tq, *ratios, kq / kf, fq / ff, sq / sf, also))
     print(f"Training step, batch {TrainConfig().batch_size}, {torch.get_num_threads()} thread(s), "
           f"median of {args.repeats} interleaved pairs:")
     print()
-    print(f"fake-quant kernel: {'on' if kernels.get() is not None else 'off (torch path)'}")
+    print(f"fake-quant kernel: {'on' if kernels.get() is not None else 'off (torch path)'}; "
+          f"lowest subnet in {args.lowest_forms} form(s) a step")
     print()
+    also = f" | ratio, lowest in {args.also_lowest_forms} form(s)" if args.also_lowest_forms is not None else ""
     print("| setting | sandwich as trained (--stacked auto) | FP32 ms | supernet ms | ratio | ratio, sequential "
           "(--stacked off) | ratio, stacked (--stacked on) | ratio, sequential, kernel off | "
-          "floor: sandwich without fake-quant | floor, three batches in one pass |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for title, how, tf, tq, seq, stk, off, floor, stacked in rows:
+          f"floor: sandwich without fake-quant | floor, three batches in one pass{also} |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if also else ""))
+    for title, how, tf, tq, seq, stk, off, floor, stacked, other in rows:
         print(f"| {title} | {how} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {seq:.2f}x | {stk:.2f}x "
-              f"| {off:.2f}x | {floor:.2f}x | {stacked:.2f}x |")
+              f"| {off:.2f}x | {floor:.2f}x | {stacked:.2f}x" + (f" | {other:.2f}x |" if also else " |"))
 
 
 if __name__ == "__main__":

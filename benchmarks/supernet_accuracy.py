@@ -205,7 +205,7 @@ def result_from_json(d: dict) -> SettingResult:
 
 # The options that change what a seed measures (not --only, --seeds, --jobs, --verbose).
 _MEASURING = ("epochs", "warmup_epochs", "warmup_lr", "lr", "lr_quant", "lr_ramp_epochs", "calibration",
-              "lowest_bits_pool", "middle_uniform", "lowest_teacher", "distill", "repeats")
+              "lowest_bits_pool", "middle_uniform", "lowest_teacher", "lowest_forms", "distill", "repeats")
 
 
 _THIS = Path(__file__).resolve()
@@ -251,6 +251,7 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path, s
         lowest_bits_pool=args.lowest_bits_pool,
         middle_uniform=args.middle_uniform,
         lowest_teacher=args.lowest_teacher,
+        lowest_forms=args.lowest_forms,
         distill=args.distill,
     )
     say = _Printer(True)
@@ -363,7 +364,8 @@ def print_setting(title: str, r: SettingResult, args, what: str) -> None:
           f"weight lr {r.lr_weights:g}{', FP32 teacher' if args.distill else ''}"
           f"{f', lowest subnet from the {args.lowest_bits_pool} lowest bit-widths' if args.lowest_bits_pool > 1 else ''}"
           f"{f', random subnet uniform with p {args.middle_uniform:g}' if args.middle_uniform > 0 else ''}"
-          f", lowest subnet's teacher: {args.lowest_teacher})")
+          f", lowest subnet's teacher: {args.lowest_teacher}"
+          f"{f', lowest subnet in {args.lowest_forms} forms a step' if args.lowest_forms > 1 else ''})")
 
 
 def print_seed_summary(results: list[SettingResult]) -> None:
@@ -421,6 +423,8 @@ def main() -> None:
                     help="probability the sandwich's random subnet is the uniform one just above the lowest pool")
     ap.add_argument("--lowest-teacher", choices=["highest", "random"], default=TrainConfig.lowest_teacher,
                     help="the lowest subnet's GPG teacher")
+    ap.add_argument("--lowest-forms", type=int, default=TrainConfig.lowest_forms,
+                    help="forms the lowest subnet runs in each step, each on a share of the batch")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
     ap.add_argument("--jobs", type=int, default=1,

@@ -427,6 +427,7 @@ class _ElasticWeighted(nn.Module):
         self.stored_bits: int | None = None  # set when the input tensor is shared (convert)
         self.active: LayerSpec | None = None
         self.stack: tuple[LayerSpec, ...] | None = None  # several subnets at once (deployq.stacked)
+        self.stack_spans: tuple[int, ...] | None = None  # slices per subnet (set_active_stack)
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -539,6 +540,7 @@ class ElasticWeightless(nn.Module):
         self.stored_bits: list[int | None] = [None] * n_inputs
         self.active: LayerSpec | None = None
         self.stack: tuple[LayerSpec, ...] | None = None
+        self.stack_spans: tuple[int, ...] | None = None
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         if self.stack is not None:
@@ -780,16 +782,22 @@ class ElasticNet(nn.Module):
             d["active"] = None if spec is None else spec.layers[n]
             d["stack"] = None
 
-    def set_active_stack(self, specs: list[SubnetSpec]) -> None:
+    def set_active_stack(self, specs: list[SubnetSpec], spans: tuple[int, ...] | None = None) -> None:
         """Select k subnets at once: a forward then takes k stacked copies of a batch
         ([k * B, ...], subnet j on rows j*B .. (j+1)*B) and returns their outputs the same
-        way (see deployq.stacked)."""
+        way (see deployq.stacked). spans: when one subnet's pass is laid out as several
+        consecutive slices (equal specs), spans[j] = how many its slice j belongs to, so
+        that each slice is quantized as a part of that pass (None: one slice each)."""
         for spec in specs:
             self.check_spec(spec)
+        spans = None if spans is None or all(s == 1 for s in spans) else tuple(spans)
+        if spans is not None and len(spans) != len(specs):
+            raise ValueError(f"{len(spans)} spans for {len(specs)} slices")
         for n, m in self.layers():
             d = m.__dict__
             d["active"] = None
             d["stack"] = tuple(spec.layers[n] for spec in specs)
+            d["stack_spans"] = spans
 
     def active_spec(self) -> SubnetSpec | None:
         specs = {n: m.active for n, m in self.layers()}

@@ -138,12 +138,14 @@ def _cached(q, key, build) -> Cells:
     return hit
 
 
-def act_cells(q, specs: tuple, numel: int) -> Cells:
-    """Activation quantizer q at specs[j] (None: slice j passes), numel floats a slice."""
+def act_cells(q, specs: tuple, numel: int, spans: tuple | None = None) -> Cells:
+    """Activation quantizer q at specs[j] (None: slice j passes), numel floats a slice.
+    spans[j]: how many slices slice j's subnet covers (None: one each), for the LSQ
+    gradient factor, which counts the floats a cell quantizes in a subnet's pass."""
 
     def build() -> Cells:
         slices, raws, zs = [], [], []
-        for spec in specs:
+        for spec, span in zip(specs, spans or (1,) * len(specs)):
             if spec is None:
                 slices.append(None)
                 raws.append(None)
@@ -151,12 +153,12 @@ def act_cells(q, specs: tuple, numel: int) -> Cells:
                 continue
             raw_s, raw_z, zero_offset = q._cell(spec)
             slices.append((1, _kernel.mode_of(raw_z, zero_offset), float(spec.qmin), float(spec.qmax),
-                           lsq_grad_factor(spec.qmax, numel)))
+                           lsq_grad_factor(spec.qmax, numel * span)))
             raws.append(raw_s)
             zs.append(raw_z)
         return Cells(make_plan(tuple(slices), 1), tuple(raws), tuple(zs))
 
-    return _cached(q, ("act", specs, numel), build)
+    return _cached(q, ("act", specs, numel, spans), build)
 
 
 def weight_cells(wq, specs: tuple, weight: torch.Tensor) -> Cells:
@@ -230,27 +232,31 @@ class _StackedFQ(torch.autograd.Function):
         return (gx.view_as(x) if gx is not None else None, None, *grads)
 
 
-def _stacked_fq(q, x: torch.Tensor, specs: tuple, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacked_fq(q, x: torch.Tensor, specs: tuple, relu: bool = False,
+                spans: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x's k slices quantized by activation quantizer q at specs[j] (None: unchanged),
-    memoised within one forward like ActQuantizer.quantize_with_scale; relu as there."""
+    memoised within one forward like ActQuantizer.quantize_with_scale; relu as there,
+    spans as act_cells'."""
     def compute():
-        cells = act_cells(q, specs, x.numel() // len(specs))
+        cells = act_cells(q, specs, x.numel() // len(specs), spans)
         return _StackedFQ.apply(x.contiguous(), (cells, relu), *cells.params)
 
-    return memoised(q, x, specs, compute)  # a tuple of specs: never a single spec's key
+    # a tuple of specs: never a single spec's key; one forward has one spans
+    return memoised(q, x, specs, compute)
 
 
-def quant_inputs(q, x: torch.Tensor, acts: tuple, stored_bits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_inputs(q, x: torch.Tensor, acts: tuple, stored_bits: int | None,
+                 spans: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x with slice j quantized as acts[j], the k step sizes): elastic._quant_input for
     a stack. A shared tensor is stored once at `stored_bits`; a reader that wants fewer
     bits requantizes its slices. Only the Q on x itself takes over an absorbed ReLU."""
     if stored_bits is None:
-        return _stacked_fq(q, x, acts, q.relu_mask())
-    stored, scales = _stacked_fq(q, x, tuple(a.with_bits(stored_bits) for a in acts), q.relu_mask())
+        return _stacked_fq(q, x, acts, q.relu_mask(), spans)
+    stored, scales = _stacked_fq(q, x, tuple(a.with_bits(stored_bits) for a in acts), q.relu_mask(), spans)
     lower = tuple(a if a.bits != stored_bits else None for a in acts)
     if all(a is None for a in lower):
         return stored, scales
-    out, low = _stacked_fq(q, stored, lower)
+    out, low = _stacked_fq(q, stored, lower, False, spans)
     keep = torch.tensor([a is None for a in lower])
     return out, torch.where(keep, scales, low)
 
@@ -258,7 +264,8 @@ def quant_inputs(q, x: torch.Tensor, acts: tuple, stored_bits: int | None) -> tu
 def weightless_forward(m, xs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """ElasticWeightless with a stack: every input quantized slice by slice, the op once."""
     acts = tuple(ls.act for ls in m.stack)
-    return m.op(*(quant_inputs(q, x, acts, sb)[0] for q, x, sb in zip(m.aq, xs, m.stored_bits)))
+    spans = m.stack_spans
+    return m.op(*(quant_inputs(q, x, acts, sb, spans)[0] for q, x, sb in zip(m.aq, xs, m.stored_bits)))
 
 
 def weighted_forward(m, x: torch.Tensor) -> torch.Tensor:
@@ -268,17 +275,23 @@ def weighted_forward(m, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] % k:
         raise ValueError(f"a stacked batch of {x.shape[0]} rows does not split into {k} subnets")
     conv = m._fused_args()
-    if conv is None:  # Linear, or a conv with string padding: slice by slice
-        return torch.cat([m._quantized(xj, ls) for xj, ls in zip(x.chunk(k), stack)])
+    spans = m.stack_spans
+    if conv is None:  # Linear, or a conv with string padding: subnet by subnet
+        rows, parts, j = x.shape[0] // k, [], 0
+        while j < k:
+            n = spans[j] if spans else 1
+            parts.append(m._quantized(x[j * rows : (j + n) * rows], stack[j]))
+            j += n
+        return torch.cat(parts)
     if not x.is_contiguous():
         x = x.contiguous()
     acts = tuple(ls.act for ls in stack)
     if m.stored_bits is not None:
-        x, s_a = quant_inputs(m.aq, x, acts, m.stored_bits)
+        x, s_a = quant_inputs(m.aq, x, acts, m.stored_bits, spans)
         a_cells = None
         a_params = [None] * (2 * k)
     else:
-        a_cells, s_a = act_cells(m.aq, acts, x.numel() // k), None
+        a_cells, s_a = act_cells(m.aq, acts, x.numel() // k, spans), None
         a_params = a_cells.params
     w_cells = weight_cells(m.wq, tuple(ls.weight for ls in stack), m.weight)
     relu = a_cells is not None and m.aq.relu_mask()

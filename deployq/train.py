@@ -103,7 +103,10 @@ class TrainConfig:
     # teacher. Off by default: on digits it helped one 16x16 seed and cost 0.3-0.8 points at
     # 5-8 bits on another and at 8x8 (README, "Supernet accuracy").
     distill: bool = False
-    lowest_per_tensor: float = 0.5  # probability the lowest subnet uses a per-tensor form
+    # Probability that the lowest subnet takes a per-tensor form (else a per-channel one).
+    # Until this was fixed the per-channel branch drew among all four forms, so 0.5 meant
+    # 0.75 (README, "Supernet accuracy").
+    lowest_per_tensor: float = 0.5
     # The lowest subnet's bit-width is drawn from the space's N lowest (1: always the lowest,
     # EQ-Net's sandwich). With 1, 3-bit cells are trained only through the random subnet's
     # per-layer draws and the 8x8 benchmark's 3-bit cells sat 0.6-1.8 points under FP32
@@ -120,6 +123,11 @@ class TrainConfig:
     # cost the search's ranking (Kendall tau 0.76-0.80 against 0.83-0.86) and one 16x16
     # target; it is an option, not the default (README, "Supernet accuracy").
     lowest_teacher: str = "random"
+    # The lowest subnet runs in this many forms each step (at most as many as it may take),
+    # each on an equal share of the batch (per-tensor and per-channel alternating), instead
+    # of in one form on all of it: the same rows, but every step trains the low cells of N
+    # forms. With one form a given 2-bit form was the lowest subnet on 1 step in 8 to 16.
+    lowest_forms: int = 1
     final_eval: bool = True  # uniform-subnet table on the val split at the end
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     # Run the sandwich's subnets as one stacked batch (deployq.stacked): "auto" does where
@@ -164,6 +172,8 @@ class TrainConfig:
         if self.lowest_teacher not in LOWEST_TEACHERS:
             raise UserError(f"lowest_teacher must be one of {', '.join(LOWEST_TEACHERS)}; "
                             f"got {self.lowest_teacher!r}")
+        if self.lowest_forms < 1:
+            raise UserError(f"lowest_forms must be >= 1; got {self.lowest_forms}")
         for name in ("input_size", "width"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -511,18 +521,24 @@ def supernet_schedule(opt, total_steps: int, ramp_steps: int = 0):
 # --------------------------------------------------------------------------- sandwich
 
 
+def low_bit_forms(forms) -> list[Form]:
+    """The forms the sandwich's lowest subnet may take. Symmetric activation grids are the
+    int8 forms of TensorRT-style targets, and a 2-bit symmetric grid on post-ReLU
+    activations wastes half its levels: those low-bit cells train through the random
+    subnet only."""
+    return [f for f in forms if not f.act_symmetric] or list(forms)
+
+
 def choose_subnets(net, rng: random.Random, cfg: TrainConfig) -> list:
-    """[highest, random, lowest] SubnetSpecs of one step (identical on every rank)."""
+    """[highest, random, lowest] of one step (identical on every rank): SubnetSpecs, the
+    lowest a tuple of SubnetSpecs (one per share of the batch) when cfg.lowest_forms > 1."""
     space = net.space
     form_h = rng.choice(space.forms)
-    # The lowest subnet trains the hardest cells every step, so spend it where a low
-    # bit-width can be deployed: symmetric activation grids are the int8 forms of
-    # TensorRT-style targets, and a 2-bit symmetric grid on post-ReLU activations wastes
-    # half its levels. Their low-bit cells still train through the random subnet.
-    low_forms = [f for f in space.forms if not f.act_symmetric] or list(space.forms)
+    low_forms = low_bit_forms(space.forms)
     per_tensor = [f for f in low_forms if not f.weight_per_channel]
-    if per_tensor and rng.random() < cfg.lowest_per_tensor:
-        form_l = rng.choice(per_tensor)
+    per_channel = [f for f in low_forms if f.weight_per_channel]
+    if per_tensor and per_channel:
+        form_l = rng.choice(per_tensor if rng.random() < cfg.lowest_per_tensor else per_channel)
     else:
         form_l = rng.choice(low_forms)
     middle = net.sample(rng)
@@ -532,10 +548,26 @@ def choose_subnets(net, rng: random.Random, cfg: TrainConfig) -> list:
         return net.uniform_spec(form, wbits[min(i, len(wbits) - 1)], abits[min(i, len(abits) - 1)])
 
     # no draw for a pool of 1: EQ-Net's sandwich draws as it always did
-    lowest = uniform(form_l, rng.randrange(cfg.lowest_bits_pool) if cfg.lowest_bits_pool > 1 else 0)
+    low_i = rng.randrange(cfg.lowest_bits_pool) if cfg.lowest_bits_pool > 1 else 0
+    lowest = uniform(form_l, low_i)
     if cfg.middle_uniform > 0 and rng.random() < cfg.middle_uniform:
         middle = uniform(rng.choice(space.forms), cfg.lowest_bits_pool)
+    n = min(cfg.lowest_forms, len(low_forms))
+    if n > 1:
+        lowest = tuple(uniform(f, low_i) for f in _more_forms(form_l, low_forms, n, rng))
     return [net.highest(form_h), middle, lowest]
+
+
+def _more_forms(first: Form, forms: list[Form], n: int, rng: random.Random) -> list[Form]:
+    """n distinct forms starting with `first`, each next one drawn among those of the
+    granularity (per-tensor / per-channel) chosen least so far."""
+    chosen = [first]
+    while len(chosen) < n:
+        left = [f for f in forms if f not in chosen]
+        count = {g: sum(f.weight_per_channel == g for f in chosen) for g in (False, True)}
+        least = min(count[f.weight_per_channel] for f in left)
+        chosen.append(rng.choice([f for f in left if count[f.weight_per_channel] == least]))
+    return chosen
 
 
 def _teacher_of(i: int, last: int, head, logits: list, cfg: TrainConfig):
@@ -604,6 +636,12 @@ def sandwich_step(
     last = len(specs) - 1
     seen: list[torch.Tensor] = []
     for i, spec in enumerate(specs):
+        if isinstance(spec, tuple):
+            teacher_logits = _teacher_of(i, last, head_teacher, seen, cfg)
+            logits, loss = _shared_batch_pass(net, forward, x, y, spec, teacher_logits, cfg, no_sync, i == last)
+            total += loss
+            seen.append(logits)
+            continue
         net.set_active(spec)
         ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
         with ctx:
@@ -622,6 +660,31 @@ def sandwich_step(
         total += float(loss.detach())
         seen.append(logits.detach())
     return total
+
+
+def _shared_batch_pass(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainConfig, no_sync,
+                       sync_last: bool):
+    """Subnets `specs` on consecutive shares of the batch, one forward and backward each;
+    each share's loss weighted by its share of the rows, so that the sum is the loss of
+    the whole batch (its terms are means over rows). Returns (the batch's logits,
+    detached; the summed loss). no_sync: DDP's (or None), entered for every share but
+    the last, and for the last too unless sync_last."""
+    n = x.shape[0]
+    outs, total = [], 0.0
+    shares = list(zip(x.tensor_split(len(specs)), y.tensor_split(len(specs)), specs))
+    start = 0
+    for j, (xj, yj, spec) in enumerate(shares):
+        tj = None if teacher_logits is None else teacher_logits[start : start + xj.shape[0]]
+        start += xj.shape[0]
+        net.set_active(spec)
+        sync_here = no_sync is None or (sync_last and j == len(shares) - 1)
+        with contextlib.nullcontext() if sync_here else no_sync():
+            out = forward(xj)
+            loss = _subnet_loss(out, yj, tj, cfg) * (xj.shape[0] / n)
+            loss.backward()
+        outs.append(out.detach())
+        total += float(loss.detach())
+    return torch.cat(outs), total
 
 
 def _subnet_loss(logits, y, teacher_logits, cfg: TrainConfig) -> torch.Tensor:
@@ -651,13 +714,22 @@ def stacked_sandwich_step(
     """sandwich_step's gradients and loss with the k subnets run as ONE batch of k
     stacked copies (deployq.stacked): one forward, one backward. Subnet j's teacher is
     the one the sequential sandwich gives it (_teacher_of), detached. No gradient-l1 (that
-    needs a double backward): the caller runs the sequential sandwich then."""
+    needs a double backward): the caller runs the sequential sandwich then.
+
+    A subnet given as a tuple (choose_subnets' split lowest) takes equal shares of the
+    batch: every subnet's copy is then stacked as that many slices of a share each. A
+    batch that does not split evenly runs the sequential sandwich."""
     k = len(specs)
+    shares = max(len(s) if isinstance(s, tuple) else 1 for s in specs)
+    if x.shape[0] % shares:
+        return sandwich_step(net, forward, x, y, specs, cfg, teacher=teacher)
+    slices = [s[j * len(s) // shares] if isinstance(s, tuple) else s for s in specs for j in range(shares)]
+    spans = [shares // len(s) if isinstance(s, tuple) else shares for s in specs for _ in range(shares)]
     head_teacher = None
     if teacher is not None and cfg.gpg:
         with torch.no_grad():
             head_teacher = teacher(x)
-    net.set_active_stack(specs)
+    net.set_active_stack(slices, tuple(spans))
     try:
         logits = forward(x.repeat(k, *([1] * (x.dim() - 1)))).chunk(k)
     finally:

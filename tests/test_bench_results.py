@@ -35,7 +35,8 @@ def _result(bench, seed=3):
 
 def _args(bench, **kw):
     args = argparse.Namespace(**{k: None for k in bench._MEASURING})
-    for k, v in {"epochs": 60, "lowest_bits_pool": 2, "middle_uniform": 0.0, "lowest_teacher": "random", "repeats": 15,
+    for k, v in {"epochs": 60, "lowest_bits_pool": 2, "middle_uniform": 0.0, "lowest_teacher": "random", "lowest_forms": 1,
+                 "repeats": 15,
                  **kw}.items():
         setattr(args, k, v)
     return args
@@ -58,6 +59,7 @@ def test_saved_seed_is_keyed_by_what_changes_the_measurement(bench, tmp_path):
         bench.result_path(tmp_path, _args(bench, lowest_bits_pool=1), 8, 0, "abc"),
         bench.result_path(tmp_path, _args(bench, middle_uniform=0.5), 8, 0, "abc"),
         bench.result_path(tmp_path, _args(bench, lowest_teacher="highest"), 8, 0, "abc"),
+        bench.result_path(tmp_path, _args(bench, lowest_forms=2), 8, 0, "abc"),
         bench.result_path(tmp_path, _args(bench), 16, 0, "abc"),
         bench.result_path(tmp_path, _args(bench), 8, 1, "abc"),
         bench.result_path(tmp_path, _args(bench), 8, 0, "abd"),  # other source

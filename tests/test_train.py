@@ -211,6 +211,7 @@ def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path, trained):
     _fails(capsys, ["train", "--abits", "1-4", "--out", str(out)], "2..8", out)
     _fails(capsys, ["train", "--wbits", "two", "--out", str(out)], "range", out)
     _fails(capsys, ["train", "--stacked", "sometimes", "--out", str(out)], "stacked must be one of", out)
+    _fails(capsys, ["train", "--lowest-forms", "0", "--out", str(out)], "lowest_forms must be >= 1", out)
     _fails(capsys, ["train", "--out", str(tmp_path / "missing" / "o.pt")], "does not exist")
     wrong = tmp_path / "wrong.pt"
     torch.save(build_model("resnet20", num_classes=10, width=8).state_dict(), wrong)
@@ -256,7 +257,7 @@ def test_cli_train_defaults_are_the_library_defaults():
     pairs = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr_weights", "lr_quant": "lr_quant",
              "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr", "lr_ramp_epochs": "lr_ramp_epochs",
              "lowest_bits_pool": "lowest_bits_pool", "middle_uniform": "middle_uniform",
-             "lowest_teacher": "lowest_teacher"}
+             "lowest_teacher": "lowest_teacher", "lowest_forms": "lowest_forms"}
     for cli_name, field in pairs.items():
         assert params[cli_name].default == getattr(cfg, field), cli_name
     for flag, field in {"no_wdr": "wdr", "no_gpg": "gpg"}.items():
@@ -368,6 +369,122 @@ def test_middle_uniform_makes_the_random_subnet_uniform_above_the_lowest_pool():
         assert (off[0], off[2]) == (on[0], on[2]) and off[1] != on[1]
     with pytest.raises(UserError, match="middle_uniform"):
         TrainConfig(middle_uniform=1.5)
+
+
+def test_lowest_per_tensor_is_the_probability_of_a_per_tensor_lowest_subnet():
+    import random
+    from collections import Counter
+
+    from deployq.elastic import convert
+    from deployq.train import choose_subnets
+
+    cfg = TrainConfig(input_size=8, width=4)
+    net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), cfg.space)
+
+    def forms(p, n=400):
+        c = replace_cfg(cfg, lowest_per_tensor=p)
+        out = Counter()
+        for seed in range(n):
+            low = choose_subnets(net, random.Random(seed), c)[2]
+            (ls,) = {ls for name, ls in low.layers.items() if name not in net.fixed_layers and ls.weight is not None}
+            out[(ls.weight.granularity, ls.weight.symmetric, ls.act.symmetric)] += 1
+        return out
+
+    half = forms(0.5)
+    assert len(half) == 4 and all(not act_sym for _, _, act_sym in half)  # never the symmetric-activation form
+    per_tensor = sum(v for (g, _, _), v in half.items() if g == "per-tensor")
+    assert 160 <= per_tensor <= 240  # 0.5 of 400 (was 0.75: the per-channel branch also drew per-tensor forms)
+    assert all(60 <= v <= 140 for v in half.values())
+    assert {g for g, _, _ in forms(1.0, 60)} == {"per-tensor"}
+    assert {g for g, _, _ in forms(0.0, 60)} == {"per-channel"}
+
+
+def test_lowest_forms_splits_the_lowest_subnet_over_forms_of_both_granularities():
+    import random
+
+    from deployq.elastic import convert
+    from deployq.train import choose_subnets, low_bit_forms
+
+    cfg = TrainConfig(input_size=8, width=4)
+    net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), cfg.space)
+    low_forms = low_bit_forms(cfg.space.forms)
+    assert len(low_forms) == 4
+
+    def form_of(spec):
+        (ls,) = {ls for n, ls in spec.layers.items() if n not in net.fixed_layers and ls.weight is not None} or {None}
+        return ls
+
+    seen_pairs = set()
+    for seed in range(40):
+        one = choose_subnets(net, random.Random(seed), cfg)
+        two = choose_subnets(net, random.Random(seed), replace_cfg(cfg, lowest_forms=2))
+        four = choose_subnets(net, random.Random(seed), replace_cfg(cfg, lowest_forms=4))
+        assert one[:2] == two[:2] == four[:2]  # its draws come last
+        assert isinstance(two[2], tuple) and len(two[2]) == 2 and two[2][0] == one[2]
+        assert four[2][:1] == (one[2],) and len(set(four[2])) == 4
+        for split in (two[2], four[2]):
+            layers = [form_of(s) for s in split]
+            assert len({(ls.weight.bits, ls.act.bits) for ls in layers}) == 1  # one bit-width, several forms
+        pair = tuple(form_of(s).weight.granularity for s in two[2])
+        assert sorted(pair) == ["per-channel", "per-tensor"]
+        seen_pairs.add(tuple(form_of(s).weight.symmetric for s in two[2]))
+    assert len(seen_pairs) == 4  # both symmetries on either side
+    # more than the space has: every low form; a one-form space: no split
+    assert len(choose_subnets(net, random.Random(0), replace_cfg(cfg, lowest_forms=9))[2]) == 4
+    one_form = TrainConfig(input_size=8, width=4, forms=(low_forms[0],), lowest_forms=2)
+    small = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), one_form.space)
+    assert not isinstance(choose_subnets(small, random.Random(0), one_form)[2], tuple)
+    with pytest.raises(UserError, match="lowest_forms"):
+        TrainConfig(lowest_forms=0)
+
+
+@pytest.mark.parametrize("rows", [16, 15])
+def test_a_split_lowest_subnet_learns_on_shares_of_the_batch(rows):
+    """lowest_forms=2: each form of the lowest subnet sees its share of the rows, learns
+    from the teacher's logits of those rows, and the shares' losses add up to a loss over
+    the batch; the stacked sandwich takes the same step (15 rows: it runs the sequential
+    one, as the rows do not split evenly)."""
+    import random
+
+    from deployq.elastic import convert
+    from deployq.losses import gpg_loss
+    from deployq.train import choose_subnets, sandwich_step, stacked_sandwich_step
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4).eval()
+    cfg = TrainConfig(input_size=8, width=4, wdr=False, lowest_forms=2)
+    net = convert(model, cfg.space)
+    x, y = torch.randn(rows, 1, 8, 8), torch.randint(0, 10, (rows,))
+    net.calibrate([x])
+    hi_spec, mid_spec, (low_a, low_b) = choose_subnets(net, random.Random(1), cfg)
+    cut = (rows + 1) // 2  # torch.tensor_split's first share
+    with torch.no_grad():
+        outs = []
+        for spec, xs in ((hi_spec, x), (mid_spec, x), (low_a, x[:cut]), (low_b, x[cut:])):
+            net.set_active(spec)
+            outs.append(net(xs))
+        net.set_active(None)
+    hi, mid, la, lb = outs
+    want = (float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
+            + float(gpg_loss(la, y[:cut], mid[:cut])) * cut / rows
+            + float(gpg_loss(lb, y[cut:], mid[cut:])) * (rows - cut) / rows)
+    # a split that had run both forms on the whole batch, or one form, would differ
+    net.set_active(low_a)
+    with torch.no_grad():
+        whole_a = float(gpg_loss(net(x), y, mid))
+    net.set_active(None)
+    assert abs(want - (want - float(gpg_loss(la, y[:cut], mid[:cut])) * cut / rows
+                       - float(gpg_loss(lb, y[cut:], mid[cut:])) * (rows - cut) / rows + whole_a)) > 1e-4
+    specs = [hi_spec, mid_spec, (low_a, low_b)]
+    grads = {}
+    for name, step in (("sequential", sandwich_step), ("stacked", stacked_sandwich_step)):
+        net.zero_grad(set_to_none=True)
+        got = step(net, net, x, y, specs, cfg)
+        assert got == pytest.approx(want, rel=1e-5), name
+        grads[name] = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert grads["sequential"].keys() == grads["stacked"].keys()
+    for n, g in grads["sequential"].items():
+        torch.testing.assert_close(grads["stacked"][n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def _reference_adam_step(params, state, lr, rel, b1=0.9, b2=0.999, eps=1e-8):

@@ -128,6 +128,13 @@ def register(app: typer.Typer) -> None:
                 "random (the one before it, EQ-Net's chain)."
             ),
         ] = "random",
+        lowest_forms: Annotated[
+            int,
+            typer.Option(
+                help="Forms the lowest subnet runs in each step, each on an equal share of the batch "
+                "(per-tensor and per-channel alternating; 1: one form on the whole batch)."
+            ),
+        ] = 1,
         lr_ramp_epochs: Annotated[
             float,
             typer.Option(
@@ -201,6 +208,7 @@ def register(app: typer.Typer) -> None:
             lowest_bits_pool=lowest_bits_pool,
             middle_uniform=middle_uniform,
             lowest_teacher=lowest_teacher,
+            lowest_forms=lowest_forms,
             grad_l1_w=grad_l1,
             grad_l1_a=grad_l1_act,
             grad_l1_last=grad_l1_last,
