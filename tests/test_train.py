@@ -155,19 +155,23 @@ def test_dedicated_single_subnet_space_and_ablations_train(tiny_npz, tmp_path):
         assert load_checkpoint(out).meta.space == cfg.space
 
 
-def test_ddp_two_processes(tiny_npz, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--stacked", "off", "--lowest-forms", "2"]], ids=["stacked", "split-lowest"])
+def test_ddp_two_processes(tiny_npz, tmp_path, extra):
+    """Two CPU processes under torchrun; the second run takes the sequential sandwich with
+    the lowest subnet split over two forms (several passes per subnet under no_sync)."""
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "deployq", "train", "--data", str(tiny_npz), "--out", str(out), "--epochs", "1",
-        "--wbits", "2,8", "--abits", "2,8", *TINY,
+        "--wbits", "2,8", "--abits", "2,8", *TINY, *extra,
     ]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert sum(line.startswith("epoch 1/1") for line in lines) == 1, r.stdout  # only rank 0 prints
-    assert any("one stacked batch" in line for line in lines), r.stdout  # DDP runs the stacked sandwich
+    stacked = any("one stacked batch" in line for line in lines)
+    assert stacked == (not extra), r.stdout  # DDP runs the stacked sandwich unless told not to
     ckpt = load_checkpoint(out)
     assert ckpt.meta.epoch == 1 and len(ckpt.meta.metrics["epochs"]) == 1
     # each rank saw half of the data per step, the throughput counts both
