@@ -145,14 +145,14 @@ def main() -> None:
     print(f"fake-quant kernel: {'on' if kernels.get() is not None else 'off (torch path)'}; "
           f"lowest subnet in {args.lowest_forms} form(s) a step")
     print()
-    also = f" | ratio, lowest in {args.also_lowest_forms} form(s)" if args.also_lowest_forms is not None else ""
+    extra = f" | ratio, lowest in {args.also_lowest_forms} form(s)" if args.also_lowest_forms is not None else ""
     print("| setting | sandwich as trained (--stacked auto) | FP32 ms | supernet ms | ratio | ratio, sequential "
           "(--stacked off) | ratio, stacked (--stacked on) | ratio, sequential, kernel off | "
-          f"floor: sandwich without fake-quant | floor, three batches in one pass{also} |")
-    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if also else ""))
+          f"floor: sandwich without fake-quant | floor, three batches in one pass{extra} |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
     for title, how, tf, tq, seq, stk, off, floor, stacked, other in rows:
         print(f"| {title} | {how} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {seq:.2f}x | {stk:.2f}x "
-              f"| {off:.2f}x | {floor:.2f}x | {stacked:.2f}x" + (f" | {other:.2f}x |" if also else " |"))
+              f"| {off:.2f}x | {floor:.2f}x | {stacked:.2f}x" + (f" | {other:.2f}x |" if extra else " |"))
 
 
 if __name__ == "__main__":

@@ -549,12 +549,13 @@ def choose_subnets(net, rng: random.Random, cfg: TrainConfig) -> list:
 
     # no draw for a pool of 1: EQ-Net's sandwich draws as it always did
     low_i = rng.randrange(cfg.lowest_bits_pool) if cfg.lowest_bits_pool > 1 else 0
-    lowest = uniform(form_l, low_i)
     if cfg.middle_uniform > 0 and rng.random() < cfg.middle_uniform:
         middle = uniform(rng.choice(space.forms), cfg.lowest_bits_pool)
     n = min(cfg.lowest_forms, len(low_forms))
     if n > 1:
         lowest = tuple(uniform(f, low_i) for f in _more_forms(form_l, low_forms, n, rng))
+    else:
+        lowest = uniform(form_l, low_i)
     return [net.highest(form_h), middle, lowest]
 
 
@@ -636,55 +637,53 @@ def sandwich_step(
     last = len(specs) - 1
     seen: list[torch.Tensor] = []
     for i, spec in enumerate(specs):
-        if isinstance(spec, tuple):
-            teacher_logits = _teacher_of(i, last, head_teacher, seen, cfg)
-            logits, loss = _shared_batch_pass(net, forward, x, y, spec, teacher_logits, cfg, no_sync, i == last)
+        teacher_logits = _teacher_of(i, last, head_teacher, seen, cfg)
+        if i > 0:
+            logits, loss = _subnet_passes(net, forward, x, y, spec if isinstance(spec, tuple) else (spec,),
+                                          teacher_logits, cfg, no_sync, i == last)
             total += loss
             seen.append(logits)
             continue
         net.set_active(spec)
         ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
         with ctx:
-            capture = grad_l1_on and i == 0 and cfg.grad_l1_a > 0
-            with _capture_activations(net, capture) as acts:
+            with _capture_activations(net, grad_l1_on and cfg.grad_l1_a > 0) as acts:
                 logits = forward(x)
-            loss = _subnet_loss(logits, y, _teacher_of(i, last, head_teacher, seen, cfg), cfg)
-            if i == 0 and grad_l1_on:
+            loss = _subnet_loss(logits, y, teacher_logits, cfg)
+            if grad_l1_on:
                 from deployq.losses import grad_l1
 
                 ws = [m.weight for m in _weighted(net)]
                 loss = loss + grad_l1(loss, ws, cfg.grad_l1_w) + grad_l1(loss, acts, cfg.grad_l1_a)
-            if i == 0:
-                loss = _with_wdr(loss, net, cfg)
+            loss = _with_wdr(loss, net, cfg)
             loss.backward()
         total += float(loss.detach())
         seen.append(logits.detach())
     return total
 
 
-def _shared_batch_pass(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainConfig, no_sync,
-                       sync_last: bool):
-    """Subnets `specs` on consecutive shares of the batch, one forward and backward each;
-    each share's loss weighted by its share of the rows, so that the sum is the loss of
-    the whole batch (its terms are means over rows). Returns (the batch's logits,
-    detached; the summed loss). no_sync: DDP's (or None), entered for every share but
-    the last, and for the last too unless sync_last."""
-    n = x.shape[0]
+def _subnet_passes(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainConfig, no_sync,
+                   sync_last: bool):
+    """Subnets `specs` on consecutive shares of the batch (one subnet: all of it), one
+    forward and backward each; with several, each share's loss is weighted by its share
+    of the rows, so that the sum is the loss of the whole batch (its terms are means over
+    rows). Returns (the batch's logits, detached; the summed loss). no_sync: DDP's (or
+    None), entered for every share but the last, and for the last too unless sync_last."""
+    k = len(specs)
+    teachers = [None] * k if teacher_logits is None else teacher_logits.tensor_split(k)
     outs, total = [], 0.0
-    shares = list(zip(x.tensor_split(len(specs)), y.tensor_split(len(specs)), specs))
-    start = 0
-    for j, (xj, yj, spec) in enumerate(shares):
-        tj = None if teacher_logits is None else teacher_logits[start : start + xj.shape[0]]
-        start += xj.shape[0]
+    for j, (xj, yj, tj, spec) in enumerate(zip(x.tensor_split(k), y.tensor_split(k), teachers, specs)):
         net.set_active(spec)
-        sync_here = no_sync is None or (sync_last and j == len(shares) - 1)
+        sync_here = no_sync is None or (sync_last and j == k - 1)
         with contextlib.nullcontext() if sync_here else no_sync():
             out = forward(xj)
-            loss = _subnet_loss(out, yj, tj, cfg) * (xj.shape[0] / n)
+            loss = _subnet_loss(out, yj, tj, cfg)
+            if k > 1:
+                loss = loss * (xj.shape[0] / x.shape[0])
             loss.backward()
         outs.append(out.detach())
         total += float(loss.detach())
-    return torch.cat(outs), total
+    return (outs[0] if k == 1 else torch.cat(outs)), total
 
 
 def _subnet_loss(logits, y, teacher_logits, cfg: TrainConfig) -> torch.Tensor:
