@@ -211,9 +211,11 @@ def result_from_json(d: dict) -> SettingResult:
     )
 
 
+# The sandwich's options: passed to TrainConfig under the same names.
+_SANDWICH = ("lowest_bits_pool", "middle_uniform", "lowest_teacher", "lowest_forms", "distill")
 # The options that change what a seed measures (not --only, --seeds, --jobs, --verbose).
 _MEASURING = ("epochs", "warmup_epochs", "warmup_lr", "lr", "lr_quant", "lr_ramp_epochs", "calibration",
-              "lowest_bits_pool", "middle_uniform", "lowest_teacher", "lowest_forms", "distill", "repeats")
+              *_SANDWICH, "repeats")
 
 
 _THIS = Path(__file__).resolve()
@@ -256,11 +258,7 @@ def run_setting(title: str, size: int, width: int, lr: float, args, tmp: Path, s
         threads=1,
         seed=seed,
         calibration=args.calibration,
-        lowest_bits_pool=args.lowest_bits_pool,
-        middle_uniform=args.middle_uniform,
-        lowest_teacher=args.lowest_teacher,
-        lowest_forms=args.lowest_forms,
-        distill=args.distill,
+        **{k: getattr(args, k) for k in _SANDWICH},
     )
     say = _Printer(True)
     tag = f"[{title}, seed {seed}]"

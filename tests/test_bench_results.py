@@ -102,3 +102,14 @@ def test_a_gap_equal_to_the_target_is_not_a_miss(bench):
     assert ded - sup > 0.5  # what a bare comparison sees
     assert not bench.beyond(ded - sup, bench.DEDICATED_GAP)
     assert bench.beyond(ded - sup + 100 / 360 / 5, bench.DEDICATED_GAP)  # one image more is over
+
+
+def test_sandwich_options_are_train_config_fields(bench):
+    # run_setting passes them to TrainConfig by name: a renamed field would fail only there,
+    # after the FP32 warm-up, so check here
+    from dataclasses import fields
+
+    from deployq.train import TrainConfig
+
+    assert set(bench._SANDWICH) <= {f.name for f in fields(TrainConfig)}
+    assert set(bench._SANDWICH) <= set(bench._MEASURING)
