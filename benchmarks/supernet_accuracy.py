@@ -16,6 +16,10 @@ Per setting one markdown table of val top-1 (%):
 - the supernet's training step time relative to an FP32 step (same batch, interleaved,
   median of repeats, one thread).
 
+With several seeds, also the table of means, a line per seed, and each comparison a target
+makes paired by seed: its mean gap, standard error and how many seeds are beyond it (one val
+image is 0.28 points, so a gap is read against its standard error).
+
 Run:  python benchmarks/supernet_accuracy.py [--only 16|8] [--seeds 0 1 2 ...] [--jobs 2]
                                              [--results DIR] [--epochs N] ...
 About 19 minutes per seed at 16x16 and 5.5 at 8x8 on one core of an Intel Xeon (10 and 3.5
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import statistics
 import tempfile
@@ -389,6 +394,35 @@ def print_seed_summary(results: list[SettingResult]) -> None:
               f"{miss[3]} | {miss[2]} | {worse} | {r.step_supernet / r.step_fp32:.2f}x |")
 
 
+def paired_gaps(results: list[SettingResult]) -> list[tuple[str, float, float, int, float]]:
+    """Each comparison a target makes, paired by seed (the supernet and what it is held
+    against share the seed's FP32 model and split): (what, mean gap, its standard error,
+    seeds beyond the target, the target). One val image is 0.28 points, so a mean gap is only
+    read against its standard error."""
+    out = []
+
+    def row(what: str, gaps: list[float], limit: float) -> None:
+        se = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
+        out.append((what, statistics.mean(gaps), se, sum(beyond(-g, limit) for g in gaps), limit))
+
+    for (b, lab) in results[0].ded:
+        row(f"w{b}a{b} {lab}: supernet - dedicated QAT", [r.sup[lab][b] - r.ded[(b, lab)] for r in results],
+            DEDICATED_GAP)
+    for b in BITS:  # the form whose mean is worst: the cell the means table judges
+        lab = min(results[0].sup, key=lambda lab: statistics.mean(r.sup[lab][b] for r in results))
+        row(f"w{b}a{b} {lab} (the worst of the four forms): supernet - FP32", [r.sup[lab][b] - r.fp32 for r in results],
+            TARGET[b])
+    return out
+
+
+def print_paired_gaps(results: list[SettingResult]) -> None:
+    print()
+    print("| paired by seed | mean | standard error | seeds beyond the target | target |")
+    print("|---|---|---|---|---|")
+    for what, mean, se, n, limit in paired_gaps(results):
+        print(f"| {what} | {mean:+.2f} | {se:.2f} | {n} of {len(results)} | -{limit:g} |")
+
+
 def _seed_job(job: tuple, seed: int) -> SettingResult:
     torch.set_num_threads(1)
     keep_freed_memory()
@@ -474,6 +508,7 @@ def main() -> None:
             if len(results) > 1:
                 print_setting(title, mean_result(results), args, f"mean of {len(results)} seeds")
                 print_seed_summary(results)
+                print_paired_gaps(results)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,21 @@ def test_sandwich_options_are_train_config_fields(bench):
 
     assert set(bench._SANDWICH) <= {f.name for f in fields(TrainConfig)}
     assert set(bench._SANDWICH) <= set(bench._MEASURING)
+
+
+def test_paired_gaps_by_hand(bench):
+    labs = [lab for lab, _ in bench.WEIGHT_FORMS]
+    a, b = _result(bench, seed=0), _result(bench, seed=1)
+    a.ded[(2, labs[2])], b.ded[(2, labs[2])] = 98.0, 99.0
+    a.sup[labs[2]][2], b.sup[labs[2]][2] = 97.0, 98.8  # gaps -1.0 and -0.2
+    a.sup[labs[1]][4], b.sup[labs[1]][4] = 80.0, 81.0  # the worst w4a4 form by its mean
+    rows = {what: rest for what, *rest in bench.paired_gaps([a, b])}
+    mean, se, n, limit = rows[f"w2a2 {labs[2]}: supernet - dedicated QAT"]
+    assert mean == pytest.approx(-0.6) and se == pytest.approx(0.4) and n == 1 and limit == 0.5
+    mean, se, n, limit = rows[f"w4a4 {labs[1]} (the worst of the four forms): supernet - FP32"]
+    assert mean == pytest.approx(80.5 - 99.17) and se == pytest.approx(0.5) and n == 2 and limit == 0.5
+    # a gap exactly on a target is not beyond it (nine images over five seeds)
+    for r in (a, b):
+        r.sup[labs[2]][2] = r.ded[(2, labs[2])] - 0.5
+    beyond = {what: n for what, _, _, n, _ in bench.paired_gaps([a, b])}
+    assert beyond[f"w2a2 {labs[2]}: supernet - dedicated QAT"] == 0
