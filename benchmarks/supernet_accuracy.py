@@ -408,8 +408,9 @@ def paired_gaps(results: list[SettingResult]) -> list[tuple[str, float, float, i
     for (b, lab) in results[0].ded:
         row(f"w{b}a{b} {lab}: supernet - dedicated QAT", [r.sup[lab][b] - r.ded[(b, lab)] for r in results],
             DEDICATED_GAP)
+    means = mean_result(results).sup
     for b in BITS:  # the form whose mean is worst: the cell the means table judges
-        lab = min(results[0].sup, key=lambda lab: statistics.mean(r.sup[lab][b] for r in results))
+        lab = min(means, key=lambda lab: means[lab][b])
         row(f"w{b}a{b} {lab} (the worst of the four forms): supernet - FP32", [r.sup[lab][b] - r.fp32 for r in results],
             TARGET[b])
     return out
