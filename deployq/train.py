@@ -629,37 +629,39 @@ def sandwich_step(
     DDP module (or the net); `no_sync` its no_sync context for all passes but the last;
     `teacher` a frozen float model whose logits the first subnet learns from (GPG).
     Returns the summed loss."""
-    total = 0.0
     head_teacher = None
     if teacher is not None and cfg.gpg:
         with torch.no_grad():
             head_teacher = teacher(x)
     last = len(specs) - 1
-    seen: list[torch.Tensor] = []
-    for i, spec in enumerate(specs):
-        teacher_logits = _teacher_of(i, last, head_teacher, seen, cfg)
-        if i > 0:
-            logits, loss = _subnet_passes(net, forward, x, y, spec if isinstance(spec, tuple) else (spec,),
-                                          teacher_logits, cfg, no_sync, i == last)
-            total += loss
-            seen.append(logits)
-            continue
-        net.set_active(spec)
-        ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
-        with ctx:
-            with _capture_activations(net, grad_l1_on and cfg.grad_l1_a > 0) as acts:
-                logits = forward(x)
-            loss = _subnet_loss(logits, y, teacher_logits, cfg)
-            if grad_l1_on:
-                from deployq.losses import grad_l1
-
-                ws = [m.weight for m in _weighted(net)]
-                loss = loss + grad_l1(loss, ws, cfg.grad_l1_w) + grad_l1(loss, acts, cfg.grad_l1_a)
-            loss = _with_wdr(loss, net, cfg)
-            loss.backward()
-        total += float(loss.detach())
-        seen.append(logits.detach())
+    # The first (highest) subnet alone carries WDR and the gradient-l1 term.
+    logits, total = _first_pass(net, forward, x, y, specs[0], head_teacher, cfg, grad_l1_on,
+                                no_sync if last > 0 else None)
+    seen = [logits]
+    for i, spec in enumerate(specs[1:], start=1):
+        logits, loss = _subnet_passes(net, forward, x, y, spec if isinstance(spec, tuple) else (spec,),
+                                      _teacher_of(i, last, head_teacher, seen, cfg), cfg, no_sync, i == last)
+        total += loss
+        seen.append(logits)
     return total
+
+
+def _first_pass(net, forward, x, y, spec, teacher_logits, cfg: TrainConfig, grad_l1_on: bool, no_sync):
+    """The sandwich's first subnet on the whole batch, forward and backward (inside no_sync
+    when given). Returns (its logits, detached; its loss)."""
+    net.set_active(spec)
+    with no_sync() if no_sync is not None else contextlib.nullcontext():
+        with _capture_activations(net, grad_l1_on and cfg.grad_l1_a > 0) as acts:
+            logits = forward(x)
+        loss = _subnet_loss(logits, y, teacher_logits, cfg)
+        if grad_l1_on:
+            from deployq.losses import grad_l1
+
+            ws = [m.weight for m in _weighted(net)]
+            loss = loss + grad_l1(loss, ws, cfg.grad_l1_w) + grad_l1(loss, acts, cfg.grad_l1_a)
+        loss = _with_wdr(loss, net, cfg)
+        loss.backward()
+    return logits.detach(), float(loss.detach())
 
 
 def _subnet_passes(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainConfig, no_sync,
