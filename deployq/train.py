@@ -667,9 +667,9 @@ def _first_pass(net, forward, x, y, spec, teacher_logits, cfg: TrainConfig, grad
 def _subnet_passes(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainConfig, no_sync,
                    sync_last: bool):
     """Subnets `specs` on consecutive shares of the batch (one subnet: all of it), one
-    forward and backward each; with several, each share's loss is weighted by its share
-    of the rows, so that the sum is the loss of the whole batch (its terms are means over
-    rows). Returns (the batch's logits, detached; the summed loss). no_sync: DDP's (or
+    forward and backward each; each share's loss is weighted by its share of the rows, so
+    that the sum is the loss of the whole batch (its terms are means over rows). Returns
+    (the batch's logits, detached; the summed loss). no_sync: DDP's (or
     None), entered for every share but the last, and for the last too unless sync_last."""
     k = len(specs)
     teachers = [None] * k if teacher_logits is None else teacher_logits.tensor_split(k)
@@ -679,13 +679,11 @@ def _subnet_passes(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainC
         sync_here = no_sync is None or (sync_last and j == k - 1)
         with contextlib.nullcontext() if sync_here else no_sync():
             out = forward(xj)
-            loss = _subnet_loss(out, yj, tj, cfg)
-            if k > 1:
-                loss = loss * (xj.shape[0] / x.shape[0])
+            loss = _subnet_loss(out, yj, tj, cfg) * (xj.shape[0] / x.shape[0])
             loss.backward()
         outs.append(out.detach())
         total += float(loss.detach())
-    return (outs[0] if k == 1 else torch.cat(outs)), total
+    return torch.cat(outs), total
 
 
 def _subnet_loss(logits, y, teacher_logits, cfg: TrainConfig) -> torch.Tensor:
