@@ -87,8 +87,10 @@ DEDICATED_GAP = 0.5  # the supernet no worse than dedicated QAT by more than thi
 def beyond(gap: float, limit: float) -> bool:
     """gap > limit, for accuracies that are means of k / 360 * 100: a gap equal to the limit
     (which such means hit exactly, e.g. nine images over five seeds = 0.5 points) is not
-    over it, whatever float rounding makes of the subtraction."""
-    return gap > limit + 1e-9
+    over it, whatever float rounding makes of the subtraction. The slack covers seeds saved
+    when evaluate() returned a float32 mean (off by up to ~1e-5 points); one image over
+    twenty seeds is 0.014 points."""
+    return gap > limit + 1e-4
 
 
 def uniform_row(net, val, form: Form, bits=BITS) -> dict[int, float]:
