@@ -22,9 +22,10 @@ image is 0.28 points, so a gap is read against its standard error).
 
 Run:  python benchmarks/supernet_accuracy.py [--only 16|8] [--seeds 0 1 2 ...] [--jobs 2]
                                              [--results DIR] [--epochs N] ...
-About 19 minutes per seed at 16x16 and 5.5 at 8x8 on one core of an Intel Xeon (10 and 3.5
-on an AMD machine; 80 FP32 + 60 supernet epochs, plus the dedicated and ablation runs);
-`--jobs N` runs seeds in N processes. `--results DIR` keeps each finished seed there and
+About 33 minutes per seed at 16x16 and 10 at 8x8 on one core of a 2-core Intel Xeon, two
+seeds side by side (80 FP32 + 120 supernet epochs, plus the dedicated and ablation runs of
+the same budget; `--epochs 60` halves the supernet's share); `--jobs N` runs seeds in N
+processes. `--results DIR` keeps each finished seed there and
 reuses it on the next run with the same options and the same source (deployq/ and this
 file, hashed): a run killed after some seeds picks up at the first seed it had not finished.
 """
