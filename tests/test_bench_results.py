@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "supernet_accuracy.py"
 
@@ -102,8 +103,6 @@ def test_a_gap_equal_to_the_target_is_not_a_miss(bench):
     assert ded - sup > 0.5  # what a bare comparison sees
     assert not bench.beyond(ded - sup, bench.DEDICATED_GAP)
     assert bench.beyond(ded - sup + 100 / 360 / 5, bench.DEDICATED_GAP)  # one image more is over
-    import torch
-
     # seeds saved before evaluate() counted exactly hold float32 means (16x16 at 120 epochs,
     # w2a2 per-channel sym, the five seeds' supernet and dedicated accuracies as saved)
     f32 = [float(torch.tensor(k / 360, dtype=torch.float32)) for k in (356, 355, 356, 357, 355, 359, 356, 359, 357, 357)]
