@@ -22,7 +22,7 @@ image is 0.28 points, so a gap is read against its standard error).
 
 Run:  python benchmarks/supernet_accuracy.py [--only 16|8] [--seeds 0 1 2 ...] [--jobs 2]
                                              [--results DIR] [--epochs N] ...
-About 33 minutes per seed at 16x16 and 10 at 8x8 on one core of a 2-core Intel Xeon, two
+About 34 minutes per seed at 16x16 and 11 at 8x8 on one core of a 2-core Intel Xeon, two
 seeds side by side (80 FP32 + 120 supernet epochs, plus the dedicated and ablation runs of
 the same budget; `--epochs 60` halves the supernet's share); `--jobs N` runs seeds in N
 processes. `--results DIR` keeps each finished seed there and reuses it on the next run
