@@ -62,6 +62,8 @@ def test_rows_match_learned_fq_slice_by_slice(slices, k, seed):
     with torch.no_grad():
         gx, gs, gz = fq.rows_backward(g, x, r, plan, scale, zq, zmask, flat_s, MIN_SCALE, True, True)
     for j, (mode, lo, hi, raw_s, raw_z, zo, gf) in enumerate(cases):
+        if mode != 2:  # every scalar has its zero-point and mask written, not only mode 2's
+            assert zq[j] == 0 and zmask[j] == 1, f"slice {j} (mode {mode}): zq {zq[j]}, zmask {zmask[j]}"
         if mode == 3:
             assert torch.equal(out[j], x[j]) and torch.equal(gx[j], g[j])
             continue

@@ -374,27 +374,29 @@ static void fwd_par(const float *x, const float *y, float *out, int64_t k, float
     fwd_row_nt(x, y, out, k, s, z, mode, qmin, qmax, rl);
 }
 
-/* A cell's step size clamp(|raw_s|, min_scale) to scale[j] and, in mode 2, its zero-point
- * clamp(rne(raw_z), qmin, qmax) to zq[j] and zmask[j] = (that == rne(raw_z)) (zmask NULL:
- * not wanted). Returns the zero-point (0 unless mode 2). */
+/* A cell's step size clamp(|raw_s|, min_scale) to scale[j], its zero-point to zq[j] (mode
+ * 2: clamp(rne(raw_z), qmin, qmax), else 0) and zmask[j] (mode 2: that == rne(raw_z), else
+ * 1); zq / zmask NULL: not wanted. Returns the zero-point. */
 static inline float cell_params(const float *raw_s, const float *raw_z, int64_t j, int mode, float qmin, float qmax,
                                 float min_scale, float *scale, float *zq, float *zmask) {
     float a = fabsf(raw_s[j]);
     scale[j] = a < min_scale ? min_scale : a;
-    float z = 0.0f;
+    float z = 0.0f, kept = 1.0f; /* outside mode 2 the zero-point is 0 and never clamped */
     if (mode == 2) {
         float zr = rne(raw_z[j]);
         z = clampf(zr, qmin, qmax);
-        zq[j] = z;
-        if (zmask) zmask[j] = z == zr ? 1.0f : 0.0f;
+        kept = z == zr ? 1.0f : 0.0f;
     }
+    if (zq) zq[j] = z;
+    if (zmask) zmask[j] = kept;
     return z;
 }
 
 /* LearnedFQ (deployq/quant.py) in one call: from a quantizer's raw cells, the step size
  * scale = clamp(|raw_s|, min_scale) (written to `scale`, [c]), the zero-point
- * z = clamp(rne(raw_z), qmin, qmax) (mode 2 only: written to `zq`, [c]) and
- * zmask = (z == rne(raw_z)) (NULL: not needed), then out as deployq_fq_forward. t is not
+ * z = clamp(rne(raw_z), qmin, qmax) (0 unless mode 2; written to `zq`, [c], unless NULL)
+ * and zmask = (z == rne(raw_z)) (1 unless mode 2; NULL: not needed), then out as
+ * deployq_fq_forward. t is not
  * kept: deployq_lfq_backward recomputes it from x. relu: relu(x) is quantized (relu_f).
  * nt: threads to use (torch's setting). */
 void deployq_lfq_forward(const float *x, float *out, int64_t c, int64_t k, const float *raw_s, const float *raw_z,
@@ -455,13 +457,7 @@ void deployq_rows_forward(const float *x, int64_t xr, float *out, int64_t r, int
                           int64_t nc, const float *raw_s, const float *raw_z, const int32_t *mode,
                           const float *qmin, const float *qmax, float min_scale, float *scale, float *zq,
                           float *zmask, int relu) {
-    for (int64_t c = 0; c < nc; c++) {
-        cell_params(raw_s, raw_z, c, mode[c], qmin[c], qmax[c], min_scale, scale, zq, zmask);
-        if (mode[c] != 2) { /* every cell has a zero-point (0) and a zmask (1) here */
-            zq[c] = 0.0f;
-            if (zmask) zmask[c] = 1.0f;
-        }
-    }
+    for (int64_t c = 0; c < nc; c++) cell_params(raw_s, raw_z, c, mode[c], qmin[c], qmax[c], min_scale, scale, zq, zmask);
     for (int64_t i = 0; i < r; i++) {
         const int32_t c = cell_of[i];
         const float *xi = x + (i % xr) * k;
