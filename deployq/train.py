@@ -66,7 +66,8 @@ class TrainConfig:
     # Supernet epochs (after the warm-up). 10-20 leave 4-8 bits ~1 point under FP32. 120, not
     # 60: on digits 8x8 (ten seeds, paired) the 2-bit subnets gain 0.56 points from the second
     # 60 epochs while a dedicated 2-bit model gains no more than noise, which is what brings
-    # them to within 0.5-0.6 of it (README, "Supernet accuracy"); 4-8 bits gain ~0.05.
+    # them to within 0.5-0.6 of it (README, "Supernet accuracy"); 4-8 bits gain ~0.05. Not
+    # 180: from the third 60 the dedicated 2-bit models gain more than the supernet's cells.
     epochs: int = 120
     batch_size: int = 64
     # Adam on the BN-folded weights. 1e-3 first knocks them out of their FP32 minimum, but
