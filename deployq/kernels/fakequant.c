@@ -396,9 +396,8 @@ static inline float cell_params(const float *raw_s, const float *raw_z, int64_t 
  * scale = clamp(|raw_s|, min_scale) (written to `scale`, [c]), the zero-point
  * z = clamp(rne(raw_z), qmin, qmax) (0 unless mode 2; written to `zq`, [c], unless NULL)
  * and zmask = (z == rne(raw_z)) (1 unless mode 2; NULL: not needed), then out as
- * deployq_fq_forward. t is not
- * kept: deployq_lfq_backward recomputes it from x. relu: relu(x) is quantized (relu_f).
- * nt: threads to use (torch's setting). */
+ * deployq_fq_forward. t is not kept: deployq_lfq_backward recomputes it from x. relu:
+ * relu(x) is quantized (relu_f). nt: threads to use (torch's setting). */
 void deployq_lfq_forward(const float *x, float *out, int64_t c, int64_t k, const float *raw_s, const float *raw_z,
                          int mode, float qmin, float qmax, float min_scale, float *scale, float *zq, float *zmask,
                          int relu, int nt) {
@@ -457,7 +456,8 @@ void deployq_rows_forward(const float *x, int64_t xr, float *out, int64_t r, int
                           int64_t nc, const float *raw_s, const float *raw_z, const int32_t *mode,
                           const float *qmin, const float *qmax, float min_scale, float *scale, float *zq,
                           float *zmask, int relu) {
-    for (int64_t c = 0; c < nc; c++) cell_params(raw_s, raw_z, c, mode[c], qmin[c], qmax[c], min_scale, scale, zq, zmask);
+    for (int64_t c = 0; c < nc; c++)
+        cell_params(raw_s, raw_z, c, mode[c], qmin[c], qmax[c], min_scale, scale, zq, zmask);
     for (int64_t i = 0; i < r; i++) {
         const int32_t c = cell_of[i];
         const float *xi = x + (i % xr) * k;
