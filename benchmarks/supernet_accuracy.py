@@ -220,7 +220,7 @@ def result_from_json(d: dict) -> SettingResult:
 
 
 # The sandwich's options: passed to TrainConfig under the same names.
-_SANDWICH = ("lowest_bits_pool", "middle_uniform", "lowest_teacher", "lowest_forms", "distill")
+_SANDWICH = ("lowest_bits_pool", "middle_uniform", "lowest_teacher", "lowest_forms", "lowest_weight", "distill")
 # The options that change what a seed measures (not --only, --seeds, --jobs, --verbose).
 _MEASURING = ("epochs", "warmup_epochs", "warmup_lr", "lr", "lr_quant", "lr_ramp_epochs", "calibration",
               *_SANDWICH, "repeats")
@@ -379,7 +379,8 @@ def print_setting(title: str, r: SettingResult, args, what: str) -> None:
           f"{f', lowest subnet from the {args.lowest_bits_pool} lowest bit-widths' if args.lowest_bits_pool > 1 else ''}"
           f"{f', random subnet uniform with p {args.middle_uniform:g}' if args.middle_uniform > 0 else ''}"
           f", lowest subnet's teacher: {args.lowest_teacher}"
-          f"{f', lowest subnet in {args.lowest_forms} forms a step' if args.lowest_forms > 1 else ''})")
+          f"{f', lowest subnet in {args.lowest_forms} forms a step' if args.lowest_forms > 1 else ''}"
+          f"{f', lowest subnet weighted {args.lowest_weight:g}' if args.lowest_weight != 1 else ''})")
 
 
 def print_seed_summary(results: list[SettingResult]) -> None:
@@ -469,6 +470,8 @@ def main() -> None:
                     help="the lowest subnet's GPG teacher")
     ap.add_argument("--lowest-forms", type=int, default=TrainConfig.lowest_forms,
                     help="forms the lowest subnet runs in each step, each on a share of the batch")
+    ap.add_argument("--lowest-weight", type=float, default=TrainConfig.lowest_weight,
+                    help="GPG's weight on the lowest subnet's term of the sandwich loss")
     ap.add_argument("--repeats", type=int, default=15, help="step-time repeats")
     ap.add_argument("--only", choices=["16", "8"], help="run one setting")
     ap.add_argument("--jobs", type=int, default=1,

@@ -133,6 +133,9 @@ class TrainConfig:
     # of in one form on all of it: the same rows, but every step trains the low cells of N
     # forms. With one form a given 2-bit form was the lowest subnet on 1 step in 8 to 16.
     lowest_forms: int = 1
+    # GPG's weight on the lowest subnet's term of the sandwich loss (1: EQ-Net's plain sum).
+    # Part of GPG: the ablation without GPG sums plain cross-entropies with equal weights.
+    lowest_weight: float = 1.0
     final_eval: bool = True  # uniform-subnet table on the val split at the end
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     # Run the sandwich's subnets as one stacked batch (deployq.stacked): "auto" does where
@@ -177,6 +180,8 @@ class TrainConfig:
         if self.lowest_teacher not in LOWEST_TEACHERS:
             raise UserError(f"lowest_teacher must be one of {', '.join(LOWEST_TEACHERS)}; "
                             f"got {self.lowest_teacher!r}")
+        if not self.lowest_weight > 0:
+            raise UserError(f"lowest_weight must be > 0; got {self.lowest_weight}")
         if self.lowest_forms < 1:
             raise UserError(f"lowest_forms must be >= 1; got {self.lowest_forms}")
         for name in ("input_size", "width"):
@@ -645,7 +650,8 @@ def sandwich_step(
     seen = [logits]
     for i, spec in enumerate(specs[1:], start=1):
         logits, loss = _subnet_passes(net, forward, x, y, spec if isinstance(spec, tuple) else (spec,),
-                                      _teacher_of(i, last, head_teacher, seen, cfg), cfg, no_sync, i == last)
+                                      _teacher_of(i, last, head_teacher, seen, cfg), cfg, no_sync, i == last,
+                                      _term_weight(i, last, cfg))
         total += loss
         seen.append(logits)
     return total
@@ -670,10 +676,11 @@ def _first_pass(net, forward, x, y, spec, teacher_logits, cfg: TrainConfig, grad
 
 
 def _subnet_passes(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainConfig, no_sync,
-                   sync_last: bool):
+                   sync_last: bool, weight: float = 1.0):
     """Subnets `specs` on consecutive shares of the batch (one subnet: all of it), one
     forward and backward each; each share's loss is weighted by its share of the rows, so
-    that the sum is the loss of the whole batch (its terms are means over rows). Returns
+    that the sum is the loss of the whole batch (its terms are means over rows), times
+    `weight` (the sandwich's weight on this term, _term_weight). Returns
     (the batch's logits, detached; the summed loss). no_sync: DDP's (or
     None), entered for every share but the last, and for the last too unless sync_last."""
     k = len(specs)
@@ -684,11 +691,17 @@ def _subnet_passes(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainC
         sync_here = no_sync is None or (sync_last and j == k - 1)
         with contextlib.nullcontext() if sync_here else no_sync():
             out = forward(xj)
-            loss = _subnet_loss(out, yj, tj, cfg) * (xj.shape[0] / x.shape[0])
+            loss = _subnet_loss(out, yj, tj, cfg) * (weight * xj.shape[0] / x.shape[0])
             loss.backward()
         outs.append(out.detach())
         total += float(loss.detach())
     return torch.cat(outs), total
+
+
+def _term_weight(i: int, last: int, cfg: TrainConfig) -> float:
+    """The weight of subnet i's term in the sandwich loss: cfg.lowest_weight for the lowest
+    (last) one under GPG, else 1."""
+    return cfg.lowest_weight if cfg.gpg and 0 < i == last else 1.0
 
 
 def _subnet_loss(logits, y, teacher_logits, cfg: TrainConfig) -> torch.Tensor:
@@ -742,7 +755,7 @@ def stacked_sandwich_step(
     seen = [out.detach() for out in logits]
     for i, out in enumerate(logits):
         loss = _subnet_loss(out, y, _teacher_of(i, k - 1, head_teacher, seen, cfg), cfg)
-        losses.append(_with_wdr(loss, net, cfg) if i == 0 else loss)
+        losses.append(_with_wdr(loss, net, cfg) if i == 0 else loss * _term_weight(i, k - 1, cfg))
     torch.stack(losses).sum().backward()
     return float(sum(float(v.detach()) for v in losses))
 

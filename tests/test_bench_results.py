@@ -37,7 +37,7 @@ def _result(bench, seed=3):
 def _args(bench, **kw):
     args = argparse.Namespace(**{k: None for k in bench._MEASURING})
     for k, v in {"epochs": 60, "lowest_bits_pool": 2, "middle_uniform": 0.0, "lowest_teacher": "random", "lowest_forms": 1,
-                 "repeats": 15,
+                 "lowest_weight": 1.0, "repeats": 15,
                  **kw}.items():
         setattr(args, k, v)
     return args
@@ -61,6 +61,7 @@ def test_saved_seed_is_keyed_by_what_changes_the_measurement(bench, tmp_path):
         bench.result_path(tmp_path, _args(bench, middle_uniform=0.5), 8, 0, "abc"),
         bench.result_path(tmp_path, _args(bench, lowest_teacher="highest"), 8, 0, "abc"),
         bench.result_path(tmp_path, _args(bench, lowest_forms=2), 8, 0, "abc"),
+        bench.result_path(tmp_path, _args(bench, lowest_weight=2.0), 8, 0, "abc"),
         bench.result_path(tmp_path, _args(bench), 16, 0, "abc"),
         bench.result_path(tmp_path, _args(bench), 8, 1, "abc"),
         bench.result_path(tmp_path, _args(bench), 8, 0, "abd"),  # other source

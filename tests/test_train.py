@@ -261,7 +261,8 @@ def test_cli_train_defaults_are_the_library_defaults():
     pairs = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr_weights", "lr_quant": "lr_quant",
              "warmup_epochs": "warmup_epochs", "warmup_lr": "warmup_lr", "lr_ramp_epochs": "lr_ramp_epochs",
              "lowest_bits_pool": "lowest_bits_pool", "middle_uniform": "middle_uniform",
-             "lowest_teacher": "lowest_teacher", "lowest_forms": "lowest_forms"}
+             "lowest_teacher": "lowest_teacher", "lowest_forms": "lowest_forms",
+             "lowest_weight": "lowest_weight"}
     for cli_name, field in pairs.items():
         assert params[cli_name].default == getattr(cfg, field), cli_name
     for flag, field in {"no_wdr": "wdr", "no_gpg": "gpg"}.items():
@@ -306,15 +307,13 @@ def test_sandwich_step_distills_the_first_subnet_from_the_teacher():
     )
 
 
-@pytest.mark.parametrize("stacked", [False, True])
-def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked):
-    """GPG: the random subnet learns from the highest; the lowest from the random one
-    ("random", EQ-Net's chain, the default) or from the highest ("highest")."""
+def _small_sandwich():
+    """A tiny calibrated 8x8 supernet, a batch, one step's [highest, random, lowest] specs
+    and each one's logits on the batch (no grad)."""
     import random
 
     from deployq.elastic import convert
-    from deployq.losses import gpg_loss
-    from deployq.train import choose_subnets, sandwich_step, stacked_sandwich_step
+    from deployq.train import choose_subnets
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4).eval()
@@ -329,7 +328,17 @@ def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked)
             net.set_active(spec)
             outs.append(net(x))
         net.set_active(None)
-    hi, mid, low = outs
+    return net, cfg, x, y, specs, outs
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked):
+    """GPG: the random subnet learns from the highest; the lowest from the random one
+    ("random", EQ-Net's chain, the default) or from the highest ("highest")."""
+    from deployq.losses import gpg_loss
+    from deployq.train import sandwich_step, stacked_sandwich_step
+
+    net, cfg, x, y, specs, (hi, mid, low) = _small_sandwich()
     head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
     want = {"highest": head + float(gpg_loss(low, y, hi)), "random": head + float(gpg_loss(low, y, mid))}
     assert abs(want["highest"] - want["random"]) > 1e-4  # the two teachers differ here
@@ -340,6 +349,40 @@ def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked)
         assert got == pytest.approx(value, rel=1e-5), name
     with pytest.raises(UserError, match="lowest_teacher"):
         TrainConfig(lowest_teacher="middle")
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_lowest_weight_scales_the_lowest_subnets_term_under_gpg_only(stacked):
+    """lowest_weight w: the sandwich's loss is head + w * lowest's term, and so is its
+    gradient (linear in w); without GPG the three cross-entropies keep equal weights."""
+    from deployq.losses import gpg_loss
+    from deployq.train import sandwich_step, stacked_sandwich_step
+
+    net, cfg, x, y, specs, (hi, mid, low) = _small_sandwich()
+    head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
+    term = float(gpg_loss(low, y, mid))
+    step = stacked_sandwich_step if stacked else sandwich_step
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def run(c):
+        net.zero_grad(set_to_none=True)
+        loss = step(net, net, x, y, specs, c)
+        return loss, torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+    (l1, g1), (l2, g2), (l3, g3) = (run(replace_cfg(cfg, lowest_weight=w)) for w in (1.0, 2.0, 3.0))
+    assert l1 == pytest.approx(head + term, rel=1e-5)
+    assert l2 == pytest.approx(head + 2 * term, rel=1e-5)
+    assert l3 == pytest.approx(head + 3 * term, rel=1e-5)
+    lowest_grad = g2 - g1
+    assert lowest_grad.abs().max() > 1e-4  # the lowest subnet's term moves the parameters
+    torch.testing.assert_close(g3 - g1, 2 * lowest_grad, rtol=1e-3, atol=1e-6)
+    plain = replace_cfg(cfg, gpg=False)
+    l_plain, g_plain = run(plain)
+    l_plain3, g_plain3 = run(replace_cfg(plain, lowest_weight=3.0))
+    assert l_plain3 == pytest.approx(l_plain, rel=1e-6)
+    torch.testing.assert_close(g_plain3, g_plain)
+    with pytest.raises(UserError, match="lowest_weight"):
+        TrainConfig(lowest_weight=0.0)
 
 
 def test_middle_uniform_makes_the_random_subnet_uniform_above_the_lowest_pool():

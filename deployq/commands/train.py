@@ -135,6 +135,13 @@ def register(app: typer.Typer) -> None:
                 "(per-tensor and per-channel alternating; 1: one form on the whole batch)."
             ),
         ] = 1,
+        lowest_weight: Annotated[
+            float,
+            typer.Option(
+                help="GPG's weight on the lowest subnet's term of the sandwich loss (1: the plain "
+                "sum, as EQ-Net)."
+            ),
+        ] = 1.0,
         lr_ramp_epochs: Annotated[
             float,
             typer.Option(
@@ -209,6 +216,7 @@ def register(app: typer.Typer) -> None:
             middle_uniform=middle_uniform,
             lowest_teacher=lowest_teacher,
             lowest_forms=lowest_forms,
+            lowest_weight=lowest_weight,
             grad_l1_w=grad_l1,
             grad_l1_a=grad_l1_act,
             grad_l1_last=grad_l1_last,
