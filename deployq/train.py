@@ -135,6 +135,9 @@ class TrainConfig:
     lowest_forms: int = 1
     # GPG's weight on the lowest subnet's term of the sandwich loss (1: EQ-Net's plain sum).
     # Part of GPG: the ablation without GPG sums plain cross-entropies with equal weights.
+    # Not 2: on digits (paired by seed) it raised the 8x8 w2a2 per-channel sym cell by 0.29
+    # (t 1.5, twenty seeds) but cost the 16x16 4..8-bit cells 0.17 (t -1.3, five seeds) and
+    # doubled their per-seed misses of FP32 (README, "Supernet accuracy").
     lowest_weight: float = 1.0
     final_eval: bool = True  # uniform-subnet table on the val split at the end
     threads: int | None = None  # torch intra-op threads (None: torch's default)
