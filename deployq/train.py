@@ -679,7 +679,7 @@ def _first_pass(net, forward, x, y, spec, teacher_logits, cfg: TrainConfig, grad
 
 
 def _subnet_passes(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainConfig, no_sync,
-                   sync_last: bool, weight: float = 1.0):
+                   sync_last: bool, weight: float):
     """Subnets `specs` on consecutive shares of the batch (one subnet: all of it), one
     forward and backward each; each share's loss is weighted by its share of the rows, so
     that the sum is the loss of the whole batch (its terms are means over rows), times
@@ -758,7 +758,11 @@ def stacked_sandwich_step(
     seen = [out.detach() for out in logits]
     for i, out in enumerate(logits):
         loss = _subnet_loss(out, y, _teacher_of(i, k - 1, head_teacher, seen, cfg), cfg)
-        losses.append(_with_wdr(loss, net, cfg) if i == 0 else loss * _term_weight(i, k - 1, cfg))
+        if i == 0:
+            loss = _with_wdr(loss, net, cfg)
+        elif (w := _term_weight(i, k - 1, cfg)) != 1.0:  # no multiply node at the default
+            loss = loss * w
+        losses.append(loss)
     torch.stack(losses).sum().backward()
     return float(sum(float(v.detach()) for v in losses))
 

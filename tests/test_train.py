@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from same_math import grads
 
 from deployq import cli
 from deployq.checkpoint import load_checkpoint, read_payload
@@ -362,12 +363,11 @@ def test_lowest_weight_scales_the_lowest_subnets_term_under_gpg_only(stacked):
     head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
     term = float(gpg_loss(low, y, mid))
     step = stacked_sandwich_step if stacked else sandwich_step
-    params = [p for p in net.parameters() if p.requires_grad]
 
     def run(c):
         net.zero_grad(set_to_none=True)
         loss = step(net, net, x, y, specs, c)
-        return loss, torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        return loss, torch.cat([g.reshape(-1) for g in grads(net).values() if g is not None])
 
     (l1, g1), (l2, g2), (l3, g3) = (run(replace_cfg(cfg, lowest_weight=w)) for w in (1.0, 2.0, 3.0))
     assert l1 == pytest.approx(head + term, rel=1e-5)
