@@ -203,7 +203,9 @@ def _export_module(net, frozen: dict | None) -> nn.Module:
     return copy.deepcopy(net.gm, memo).eval()
 
 
-def _torch_export(module: nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
+def _torch_export(module: nn.Module, input_shape: tuple[int, ...], opset: int, markers: bool) -> onnx.ModelProto:
+    """markers: the module emits deployq-domain marker nodes (a quantized export). An FP32
+    export must not declare the domain: torch then prints an unsilenceable C++ warning."""
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation and custom-op notices
@@ -217,7 +219,7 @@ def _torch_export(module: nn.Module, input_shape: tuple[int, ...], opset: int) -
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             do_constant_folding=True,
-            custom_opsets={DOMAIN: 1},
+            custom_opsets={DOMAIN: 1} if markers else None,
         )
     return onnx.load_from_string(buf.getvalue())
 
@@ -649,7 +651,7 @@ def _build_model(ckpt, profile, spec, *, fp32, calibration):
         kind = "qdq"
     was_active = net.active_spec()
     try:
-        model = _torch_export(module, _input_shape(ckpt), opset)
+        model = _torch_export(module, _input_shape(ckpt), opset, markers=not fp32)
     finally:
         net.set_active(was_active)
     model = _lower(model, low)
