@@ -1,7 +1,9 @@
 """The stacked sandwich (deployq.stacked): the row kernel against LearnedFQ slice by
 slice, a stacked step against the sequential one, and when train() uses it."""
 
+import contextlib
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -25,6 +27,15 @@ from deployq.train import (
 pytestmark = pytest.mark.skipif(kernels.get() is None, reason="needs the compiled kernel (no C compiler here)")
 
 GRIDS = [(0, 255), (0, 3), (-128, 127), (-2, 1), (0, 15), (-7, 7)]
+
+
+@contextlib.contextmanager
+def _poisoned_empty_like():
+    """torch.empty_like returns NaN-filled tensors: a kernel output the kernel does not
+    write stays NaN instead of holding whatever the allocator's memory held (often 0)."""
+    real = torch.empty_like
+    with mock.patch.object(torch, "empty_like", lambda t, **kw: real(t, **kw).fill_(float("nan"))):
+        yield
 
 
 def _slice_case(draw_mode, lo, hi, n):
@@ -57,7 +68,8 @@ def test_rows_match_learned_fq_slice_by_slice(slices, k, seed):
     plan = make_plan(tuple(plan_slices), 1)
     flat_s = torch.cat([c[3] for c in cases])
     flat_z = torch.cat([c[4] if c[4] is not None else torch.zeros(1) for c in cases])
-    out, scale, zq, zmask = fq.rows_forward(x, r, r, plan, flat_s, flat_z, MIN_SCALE, True)
+    with _poisoned_empty_like():  # the outputs start as NaN, so "written" is not luck
+        out, scale, zq, zmask = fq.rows_forward(x, r, r, plan, flat_s, flat_z, MIN_SCALE, True)
     g = torch.randn(r, k)
     with torch.no_grad():
         gx, gs, gz = fq.rows_backward(g, x, r, plan, scale, zq, zmask, flat_s, MIN_SCALE, True, True)
