@@ -653,8 +653,7 @@ def sandwich_step(
     seen = [logits]
     for i, spec in enumerate(specs[1:], start=1):
         logits, loss = _subnet_passes(net, forward, x, y, spec if isinstance(spec, tuple) else (spec,),
-                                      _teacher_of(i, last, head_teacher, seen, cfg), cfg, no_sync, i == last,
-                                      _term_weight(i, last, cfg))
+                                      _teacher_of(i, last, head_teacher, seen, cfg), cfg, no_sync, i, last)
         total += loss
         seen.append(logits)
     return total
@@ -679,32 +678,36 @@ def _first_pass(net, forward, x, y, spec, teacher_logits, cfg: TrainConfig, grad
 
 
 def _subnet_passes(net, forward, x, y, specs: tuple, teacher_logits, cfg: TrainConfig, no_sync,
-                   sync_last: bool, weight: float):
-    """Subnets `specs` on consecutive shares of the batch (one subnet: all of it), one
-    forward and backward each; each share's loss is weighted by its share of the rows, so
-    that the sum is the loss of the whole batch (its terms are means over rows), times
-    `weight` (the sandwich's weight on this term, _term_weight). Returns
-    (the batch's logits, detached; the summed loss). no_sync: DDP's (or
-    None), entered for every share but the last, and for the last too unless sync_last."""
+                   i: int, last: int):
+    """The sandwich's subnet i of 0..last: subnets `specs` on consecutive shares of the
+    batch (one subnet: all of it), one forward and backward each, each share's term
+    weighted by its share of the rows (_term_loss), so that they sum to the term of the
+    whole batch. Returns (the batch's logits, detached; the summed loss). no_sync: DDP's
+    (or None), entered for every share but the last, and for the last too unless i is
+    the last subnet."""
     k = len(specs)
     teachers = [None] * k if teacher_logits is None else teacher_logits.tensor_split(k)
     outs, total = [], 0.0
     for j, (xj, yj, tj, spec) in enumerate(zip(x.tensor_split(k), y.tensor_split(k), teachers, specs)):
         net.set_active(spec)
-        sync_here = no_sync is None or (sync_last and j == k - 1)
+        sync_here = no_sync is None or (i == last and j == k - 1)
         with contextlib.nullcontext() if sync_here else no_sync():
             out = forward(xj)
-            loss = _subnet_loss(out, yj, tj, cfg) * (weight * xj.shape[0] / x.shape[0])
+            loss = _term_loss(i, last, out, yj, tj, cfg, xj.shape[0] / x.shape[0])
             loss.backward()
         outs.append(out.detach())
         total += float(loss.detach())
     return torch.cat(outs), total
 
 
-def _term_weight(i: int, last: int, cfg: TrainConfig) -> float:
-    """The weight of subnet i's term in the sandwich loss: cfg.lowest_weight for the lowest
-    (last) one under GPG, else 1."""
-    return cfg.lowest_weight if cfg.gpg and 0 < i == last else 1.0
+def _term_loss(i: int, last: int, logits, y, teacher_logits, cfg: TrainConfig, share: float = 1.0):
+    """Subnet i's term of the sandwich loss (i > 0; the first carries WDR instead), on rows
+    that are `share` of the batch: its GPG loss (_subnet_loss) times share and, for the
+    lowest (last) subnet under GPG, cfg.lowest_weight. Both sandwich paths build their
+    terms here, so that they stay the same loss."""
+    loss = _subnet_loss(logits, y, teacher_logits, cfg)
+    w = (cfg.lowest_weight if cfg.gpg and i == last else 1.0) * share
+    return loss if w == 1.0 else loss * w  # no multiply node at weight 1: same bits as without
 
 
 def _subnet_loss(logits, y, teacher_logits, cfg: TrainConfig) -> torch.Tensor:
@@ -757,12 +760,9 @@ def stacked_sandwich_step(
     losses = []
     seen = [out.detach() for out in logits]
     for i, out in enumerate(logits):
-        loss = _subnet_loss(out, y, _teacher_of(i, k - 1, head_teacher, seen, cfg), cfg)
-        if i == 0:
-            loss = _with_wdr(loss, net, cfg)
-        elif (w := _term_weight(i, k - 1, cfg)) != 1.0:  # no multiply node at the default
-            loss = loss * w
-        losses.append(loss)
+        teacher_i = _teacher_of(i, k - 1, head_teacher, seen, cfg)
+        losses.append(_with_wdr(_subnet_loss(out, y, teacher_i, cfg), net, cfg) if i == 0
+                      else _term_loss(i, k - 1, out, y, teacher_i, cfg))
     torch.stack(losses).sum().backward()
     return float(sum(float(v.detach()) for v in losses))
 
