@@ -24,6 +24,7 @@ Run:  python benchmarks/step_time.py [--repeats 21] [--no-keep-freed-memory] [--
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -152,7 +153,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
     for title, how, tf, tq, seq, stk, off, floor, stacked, other in rows:
         print(f"| {title} | {how} | {1000 * tf:.1f} | {1000 * tq:.1f} | {tq / tf:.2f}x | {seq:.2f}x | {stk:.2f}x "
-              f"| {off:.2f}x | {floor:.2f}x | {stacked:.2f}x" + (f" | {other:.2f}x |" if extra else " |"))
+              f"| {_ratio(off)} | {floor:.2f}x | {stacked:.2f}x" + (f" | {other:.2f}x |" if extra else " |"))
+
+
+def _ratio(r: float) -> str:
+    """A ratio cell; blank for a column this run skipped (--no-kernel-column, or no kernel)."""
+    return "" if math.isnan(r) else f"{r:.2f}x"
 
 
 if __name__ == "__main__":
