@@ -341,7 +341,8 @@ def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked)
 
     net, cfg, x, y, specs, (hi, mid, low) = _small_sandwich()
     head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
-    want = {"highest": head + float(gpg_loss(low, y, hi)), "random": head + float(gpg_loss(low, y, mid))}
+    w = cfg.lowest_weight
+    want = {"highest": head + w * float(gpg_loss(low, y, hi)), "random": head + w * float(gpg_loss(low, y, mid))}
     assert abs(want["highest"] - want["random"]) > 1e-4  # the two teachers differ here
     step = stacked_sandwich_step if stacked else sandwich_step
     for name, value in want.items():
@@ -512,16 +513,16 @@ def test_a_split_lowest_subnet_learns_on_shares_of_the_batch(rows):
             outs.append(net(xs))
         net.set_active(None)
     hi, mid, la, lb = outs
-    want = (float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
-            + float(gpg_loss(la, y[:cut], mid[:cut])) * cut / rows
-            + float(gpg_loss(lb, y[cut:], mid[cut:])) * (rows - cut) / rows)
+    shares = (float(gpg_loss(la, y[:cut], mid[:cut])) * cut / rows
+              + float(gpg_loss(lb, y[cut:], mid[cut:])) * (rows - cut) / rows)
+    head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
+    want = head + cfg.lowest_weight * shares
     # a split that had run both forms on the whole batch, or one form, would differ
     net.set_active(low_a)
     with torch.no_grad():
         whole_a = float(gpg_loss(net(x), y, mid))
     net.set_active(None)
-    assert abs(want - (want - float(gpg_loss(la, y[:cut], mid[:cut])) * cut / rows
-                       - float(gpg_loss(lb, y[cut:], mid[cut:])) * (rows - cut) / rows + whole_a)) > 1e-4
+    assert abs(shares - whole_a) > 1e-4
     specs = [hi_spec, mid_spec, (low_a, low_b)]
     grads = {}
     for name, step in (("sequential", sandwich_step), ("stacked", stacked_sandwich_step)):

@@ -139,9 +139,9 @@ def register(app: typer.Typer) -> None:
             float,
             typer.Option(
                 help="GPG's weight on the lowest subnet's term of the sandwich loss (1: the plain "
-                "sum, as EQ-Net)."
+                "sum, as EQ-Net; 2 trains the 2-bit subnets closer to dedicated 2-bit QAT)."
             ),
-        ] = 1.0,
+        ] = 2.0,
         lr_ramp_epochs: Annotated[
             float,
             typer.Option(
