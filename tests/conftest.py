@@ -2,6 +2,13 @@
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis fails an example that takes over 200 ms: a timing assert, which a loaded
+# machine trips (a pure-function gate test did beside a benchmark on both cores). The
+# suite states no speed in its tests; the benchmarks do.
+settings.register_profile("deployq", deadline=None)
+settings.load_profile("deployq")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -214,7 +214,7 @@ def test_holdout_deterministic_and_disjoint(digits_train: Dataset) -> None:
         holdout(digits_train, 1.5)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 @given(
     y=st.lists(st.integers(0, 4), min_size=2, max_size=60),
     fraction=st.floats(0.05, 0.95),

@@ -95,7 +95,7 @@ def cases(draw):
 
 
 # `use` only switches a module attribute, idempotently: safe to share across examples
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases(), gf=st.sampled_from([1.0, 0.01]), flags=st.sampled_from(
     [(True, True, True), (True, False, False), (False, True, False), (True, True, False), (True, False, True)]),
        with_z=st.booleans())
@@ -134,7 +134,7 @@ def test_kernel_equals_the_torch_path(use, case, gf, flags, with_z):
         assert (got[0].data_ptr() == g_own.data_ptr()) == reuse
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31), grid=st.sampled_from(GRIDS), per_channel=st.booleans(),
        mode=st.sampled_from(["sym", "offset", "z"]), need=st.sampled_from([(True, True), (True, False), (False, True)]),
        reuse=st.booleans())
@@ -177,7 +177,7 @@ def test_learned_kernel_equals_the_torch_path(use, seed, grid, per_channel, mode
             torch.testing.assert_close(a, b, rtol=1e-5, atol=tol)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31), grid=st.sampled_from(GRIDS), per_channel=st.booleans(),
        mode=st.sampled_from(["sym", "offset", "z"]), k=st.integers(1, 80))
 def test_learned_kernel_recomputes_the_grid_bit_for_bit(use, seed, grid, per_channel, mode, k):
@@ -211,7 +211,7 @@ def test_learned_kernel_recomputes_the_grid_bit_for_bit(use, seed, grid, per_cha
         assert gz is None and rz is None
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31), grid=st.sampled_from(GRIDS), per_channel=st.booleans(),
        mode=st.sampled_from(["sym", "offset", "z"]), k=st.sampled_from([1, 15, 16, 17, 80, 70_001]),
        need=st.sampled_from([(True, True), (True, False), (False, True)]), threads=st.sampled_from([1, 2]))

@@ -42,7 +42,7 @@ def _qparams(spec: QuantSpec, x: torch.Tensor, seed: int):
     return scale, zp
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(seed=st.integers(0, 10_000), k=st.integers(0, len(SPECS) - 1))
 def test_codes_in_range_and_fake_quant_is_dequantize_of_quantize(seed, k):
     spec = SPECS[k]
@@ -58,7 +58,7 @@ def test_codes_in_range_and_fake_quant_is_dequantize_of_quantize(seed, k):
     assert torch.equal(fake_quant(fq, s, None if spec.symmetric else z, spec.qmin, spec.qmax), fq)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(seed=st.integers(0, 10_000), k=st.integers(0, len(SPECS) - 1), gf=st.sampled_from([1.0, 0.3]))
 def test_fused_gradients_match_composite(seed, k, gf):
     spec = SPECS[k]

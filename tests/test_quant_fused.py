@@ -54,7 +54,7 @@ def _reference_sums_in_double(x0, sv, zarg, spec: QuantSpec, gf: float, gout, s0
     return (g_sv * chain).float(), g_z.float().reshape(s0.shape)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(seed=st.integers(0, 10_000), k=st.integers(0, len(SPECS) - 1), gf=st.sampled_from([1.0, 0.3]),
        zero_offset=st.booleans())
 @example(seed=762, k=15, gf=1.0, zero_offset=False)  # the float32 composite's sum was off by 2e-4 here

@@ -46,7 +46,7 @@ def _slice_case(draw_mode, lo, hi, n):
     return raw_s, raw_z, draw_mode == 1
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 @given(
     slices=st.lists(st.tuples(st.sampled_from(GRIDS), st.sampled_from([0, 1, 2, 3])), min_size=1, max_size=4),
     k=st.integers(1, 700),
