@@ -97,7 +97,11 @@ def pick_label(r) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--ckpt", type=Path, default=Path("/tmp/deployq-bench/digits-resnet20-supernet.pt")
+        "--ckpt",
+        type=Path,
+        help="the supernet to search; trained here when missing (default: a file under "
+        "/tmp/deployq-bench named for the seed, epochs, profiles and hold-out, so runs with "
+        "other options, side by side or later, never search each other's supernet)",
     )
     ap.add_argument("--profiles", nargs="+", default=["snpe", "cpu"])
     ap.add_argument("--budget", default="avg-bits=3")
@@ -122,8 +126,14 @@ def main() -> None:
         # processes; one thread is then several times faster.
         torch.set_num_threads(args.threads)
 
+    if args.ckpt is None:
+        name = (f"digits-resnet20-supernet-seed{args.seed}-{args.epochs}ep-{'-'.join(args.profiles)}"
+                f"-holdout{args.train_holdout:g}.pt")
+        args.ckpt = Path("/tmp/deployq-bench") / name
     args.ckpt.parent.mkdir(parents=True, exist_ok=True)
-    if not args.ckpt.exists():
+    if args.ckpt.exists():
+        print(f"searching the supernet in {args.ckpt} (trained by an earlier run: delete it to retrain)")
+    else:
         train_supernet(args.ckpt, args.profiles, args.epochs, args.seed, args.train_holdout)
     if args.train_only:
         return
@@ -148,7 +158,7 @@ def main() -> None:
     )
     layout = NetLayout.of(net, (1, prep.channels, prep.size, prep.size))
     budget = parse_budget(args.budget)
-    out_dir = args.ckpt.parent / "search"
+    out_dir = args.ckpt.with_suffix(".search")  # per supernet: runs side by side keep apart
     out_dir.mkdir(exist_ok=True)
     shutil.rmtree(Path(str(args.ckpt) + ".cqap"), ignore_errors=True)
 
