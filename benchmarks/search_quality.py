@@ -62,10 +62,13 @@ from deployq.search.predictor import (
     split_indices,
 )
 from deployq.search.sampling import TEMPERATURES, Measurer, sample_genes
+from deployq.train import TrainConfig
 
 
-def train_supernet(path: Path, profiles: list[str], epochs: int, seed: int, holdout: float) -> None:
-    from deployq.train import TrainConfig, train
+def train_supernet(
+    path: Path, profiles: list[str], epochs: int, seed: int, holdout: float, lowest_weight: float
+) -> None:
+    from deployq.train import train
 
     forms = tuple(dict.fromkeys(load_profile(p).form for p in profiles))
     cfg = TrainConfig(
@@ -76,6 +79,7 @@ def train_supernet(path: Path, profiles: list[str], epochs: int, seed: int, hold
         forms=forms,
         seed=seed,
         holdout=holdout,
+        lowest_weight=lowest_weight,
     )
     t = time.perf_counter()
     train(cfg, progress=True)
@@ -110,6 +114,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30, help="supernet epochs when training")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--lowest-weight",
+        type=float,
+        default=TrainConfig.lowest_weight,
+        help="GPG's weight on the sandwich's lowest subnet when training the supernet",
+    )
+    ap.add_argument(
         "--train-holdout",
         type=float,
         default=0.3,
@@ -127,14 +137,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.ckpt is None:
-        name = (f"digits-resnet20-supernet-seed{args.seed}-{args.epochs}ep-{'-'.join(args.profiles)}"
-                f"-holdout{args.train_holdout:g}.pt")
+        name = (
+            f"digits-resnet20-supernet-seed{args.seed}-{args.epochs}ep-{'-'.join(args.profiles)}"
+            f"-holdout{args.train_holdout:g}-lw{args.lowest_weight:g}.pt"
+        )
         args.ckpt = Path("/tmp/deployq-bench") / name
     args.ckpt.parent.mkdir(parents=True, exist_ok=True)
     if args.ckpt.exists():
-        print(f"searching the supernet in {args.ckpt} (trained by an earlier run: delete it to retrain)")
+        print(
+            f"searching the supernet in {args.ckpt} (trained by an earlier run: delete it to retrain)"
+        )
     else:
-        train_supernet(args.ckpt, args.profiles, args.epochs, args.seed, args.train_holdout)
+        train_supernet(
+            args.ckpt, args.profiles, args.epochs, args.seed, args.train_holdout, args.lowest_weight
+        )
     if args.train_only:
         return
     ckpt = load_checkpoint(args.ckpt)
