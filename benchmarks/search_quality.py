@@ -62,14 +62,12 @@ from deployq.search.predictor import (
     split_indices,
 )
 from deployq.search.sampling import TEMPERATURES, Measurer, sample_genes
-from deployq.train import TrainConfig
+from deployq.train import TrainConfig, train
 
 
 def train_supernet(
     path: Path, profiles: list[str], epochs: int, seed: int, holdout: float, lowest_weight: float
 ) -> None:
-    from deployq.train import train
-
     forms = tuple(dict.fromkeys(load_profile(p).form for p in profiles))
     cfg = TrainConfig(
         model="resnet20",

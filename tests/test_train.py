@@ -308,6 +308,13 @@ def test_sandwich_step_distills_the_first_subnet_from_the_teacher():
     )
 
 
+def _head_loss(hi, mid, y) -> float:
+    """The sandwich's first two terms: the highest subnet's CE, the random one's GPG loss."""
+    from deployq.losses import gpg_loss
+
+    return float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
+
+
 def _small_sandwich():
     """A tiny calibrated 8x8 supernet, a batch, one step's [highest, random, lowest] specs
     and each one's logits on the batch (no grad)."""
@@ -340,7 +347,7 @@ def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked)
     from deployq.train import sandwich_step, stacked_sandwich_step
 
     net, cfg, x, y, specs, (hi, mid, low) = _small_sandwich()
-    head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
+    head = _head_loss(hi, mid, y)
     w = cfg.lowest_weight
     want = {"highest": head + w * float(gpg_loss(low, y, hi)), "random": head + w * float(gpg_loss(low, y, mid))}
     assert abs(want["highest"] - want["random"]) > 1e-4  # the two teachers differ here
@@ -361,7 +368,7 @@ def test_lowest_weight_scales_the_lowest_subnets_term_under_gpg_only(stacked):
     from deployq.train import sandwich_step, stacked_sandwich_step
 
     net, cfg, x, y, specs, (hi, mid, low) = _small_sandwich()
-    head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
+    head = _head_loss(hi, mid, y)
     term = float(gpg_loss(low, y, mid))
     step = stacked_sandwich_step if stacked else sandwich_step
 
@@ -515,7 +522,7 @@ def test_a_split_lowest_subnet_learns_on_shares_of_the_batch(rows):
     hi, mid, la, lb = outs
     shares = (float(gpg_loss(la, y[:cut], mid[:cut])) * cut / rows
               + float(gpg_loss(lb, y[cut:], mid[cut:])) * (rows - cut) / rows)
-    head = float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
+    head = _head_loss(hi, mid, y)
     want = head + cfg.lowest_weight * shares
     # a split that had run both forms on the whole batch, or one form, would differ
     net.set_active(low_a)
