@@ -102,8 +102,8 @@ def main() -> None:
         "--ckpt",
         type=Path,
         help="the supernet to search; trained here when missing (default: a file under "
-        "/tmp/deployq-bench named for the seed, epochs, profiles and hold-out, so runs with "
-        "other options, side by side or later, never search each other's supernet)",
+        "/tmp/deployq-bench named for the seed, epochs, profiles, hold-out and lowest weight, "
+        "so runs with other options, side by side or later, never search each other's supernet)",
     )
     ap.add_argument("--profiles", nargs="+", default=["snpe", "cpu"])
     ap.add_argument("--budget", default="avg-bits=3")

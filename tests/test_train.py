@@ -1,5 +1,6 @@
 import itertools
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,23 @@ from same_math import grads
 
 from deployq import cli
 from deployq.checkpoint import load_checkpoint, read_payload
+from deployq.commands import train as train_cmd
+from deployq.elastic import convert
 from deployq.errors import UserError
+from deployq.losses import gpg_loss
 from deployq.models import build_model
-from deployq.train import TrainConfig, train
+from deployq.spec import Form
+from deployq.train import (
+    ElasticAdam,
+    TrainConfig,
+    choose_subnets,
+    frozen_teacher,
+    low_bit_forms,
+    sandwich_step,
+    stacked_sandwich_step,
+    supernet_schedule,
+    train,
+)
 
 TINY = ["--input-size", "8", "--width", "4", "--warmup-epochs", "1", "--threads", "1"]
 
@@ -140,7 +155,6 @@ def test_pretrained_state_dict_skips_warmup(tiny_npz, tmp_path, capsys):
 
 
 def test_dedicated_single_subnet_space_and_ablations_train(tiny_npz, tmp_path):
-    from deployq.spec import Form
 
     for kw in (
         {"wbits": (2,), "abits": (2,), "forms": (Form(False, True, False),)},
@@ -252,7 +266,6 @@ def test_cli_train_defaults_are_the_library_defaults():
 
     import typer
 
-    from deployq.commands import train as train_cmd
 
     app = typer.Typer()
     train_cmd.register(app)
@@ -279,9 +292,6 @@ def test_distill_without_an_fp32_model_is_refused(capsys, tmp_path):
 
 
 def test_sandwich_step_distills_the_first_subnet_from_the_teacher():
-    from deployq.elastic import convert
-    from deployq.losses import gpg_loss
-    from deployq.train import frozen_teacher, sandwich_step
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4).eval()
@@ -310,18 +320,12 @@ def test_sandwich_step_distills_the_first_subnet_from_the_teacher():
 
 def _head_loss(hi, mid, y) -> float:
     """The sandwich's first two terms: the highest subnet's CE, the random one's GPG loss."""
-    from deployq.losses import gpg_loss
-
     return float(torch.nn.functional.cross_entropy(hi, y)) + float(gpg_loss(mid, y, hi))
 
 
 def _small_sandwich():
     """A tiny calibrated 8x8 supernet, a batch, one step's [highest, random, lowest] specs
     and each one's logits on the batch (no grad)."""
-    import random
-
-    from deployq.elastic import convert
-    from deployq.train import choose_subnets
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4).eval()
@@ -343,8 +347,6 @@ def _small_sandwich():
 def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked):
     """GPG: the random subnet learns from the highest; the lowest from the random one
     ("random", EQ-Net's chain, the default) or from the highest ("highest")."""
-    from deployq.losses import gpg_loss
-    from deployq.train import sandwich_step, stacked_sandwich_step
 
     net, cfg, x, y, specs, (hi, mid, low) = _small_sandwich()
     head = _head_loss(hi, mid, y)
@@ -364,8 +366,6 @@ def test_the_lowest_subnet_learns_from_the_teacher_lowest_teacher_names(stacked)
 def test_lowest_weight_scales_the_lowest_subnets_term_under_gpg_only(stacked):
     """lowest_weight w: the sandwich's loss is head + w * lowest's term, and so is its
     gradient (linear in w); without GPG the three cross-entropies keep equal weights."""
-    from deployq.losses import gpg_loss
-    from deployq.train import sandwich_step, stacked_sandwich_step
 
     net, cfg, x, y, specs, (hi, mid, low) = _small_sandwich()
     head = _head_loss(hi, mid, y)
@@ -394,10 +394,7 @@ def test_lowest_weight_scales_the_lowest_subnets_term_under_gpg_only(stacked):
 
 
 def test_middle_uniform_makes_the_random_subnet_uniform_above_the_lowest_pool():
-    import random
 
-    from deployq.elastic import convert
-    from deployq.train import choose_subnets
 
     cfg = TrainConfig(input_size=8, width=4)
     net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), cfg.space)
@@ -427,11 +424,8 @@ def test_middle_uniform_makes_the_random_subnet_uniform_above_the_lowest_pool():
 
 
 def test_lowest_per_tensor_is_the_probability_of_a_per_tensor_lowest_subnet():
-    import random
     from collections import Counter
 
-    from deployq.elastic import convert
-    from deployq.train import choose_subnets
 
     cfg = TrainConfig(input_size=8, width=4)
     net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), cfg.space)
@@ -455,10 +449,7 @@ def test_lowest_per_tensor_is_the_probability_of_a_per_tensor_lowest_subnet():
 
 
 def test_lowest_forms_splits_the_lowest_subnet_over_forms_of_both_granularities():
-    import random
 
-    from deployq.elastic import convert
-    from deployq.train import choose_subnets, low_bit_forms
 
     cfg = TrainConfig(input_size=8, width=4)
     net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), cfg.space)
@@ -499,11 +490,6 @@ def test_a_split_lowest_subnet_learns_on_shares_of_the_batch(rows):
     from the teacher's logits of those rows, and the shares' losses add up to a loss over
     the batch; the stacked sandwich takes the same step (15 rows: it runs the sequential
     one, as the rows do not split evenly)."""
-    import random
-
-    from deployq.elastic import convert
-    from deployq.losses import gpg_loss
-    from deployq.train import choose_subnets, sandwich_step, stacked_sandwich_step
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=1, input_size=8, width=4).eval()
@@ -568,9 +554,7 @@ def test_elastic_adam_is_adam_to_the_bit_across_save_and_load(dtype):
     keep their own step counts; the state round-trips through torch.save / load as a
     checkpoint's does, and training resumed from it continues bit for bit."""
     import io
-    import random as pyrandom
 
-    from deployq.train import ElasticAdam
 
     shapes = [(8, 3, 3, 3), (8,), (1,), (1,), (16,), (3,), (1,)]
     spec = [(slice(0, 2), 1e-3, False), (slice(2, 5), 1e-2, True), (slice(5, 7), 0.1, False)]
@@ -587,8 +571,8 @@ def test_elastic_adam_is_adam_to_the_bit_across_save_and_load(dtype):
         for p in ps:
             p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) if rng.random() < 0.6 else None
 
-    ref, state, rng = params(), {}, pyrandom.Random(1)
-    got, rng2 = params(), pyrandom.Random(1)
+    ref, state, rng = params(), {}, random.Random(1)
+    got, rng2 = params(), random.Random(1)
     opt = ElasticAdam(groups(got))
     for i in range(60):
         grads(ref, i, rng)
@@ -612,7 +596,6 @@ def test_elastic_adam_is_adam_to_the_bit_across_save_and_load(dtype):
 def test_elastic_adam_clips_like_clip_grad_value():
     """clip_value clamps on the flat gradient: the same updates, to the bit, as
     torch.nn.utils.clip_grad_value_ before the step; the parameters' .grad untouched."""
-    from deployq.train import ElasticAdam
 
     def run(clip_in_optimizer: bool):
         torch.manual_seed(0)
@@ -640,7 +623,6 @@ def test_elastic_adam_clips_like_clip_grad_value():
 
 
 def test_supernet_schedule_ramps_then_decays():
-    from deployq.train import supernet_schedule
 
     def lrs(total, ramp):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -667,10 +649,7 @@ def test_negative_lr_ramp_is_refused():
 
 
 def test_lowest_bits_pool_draws_the_lowest_subnet_from_the_n_lowest_widths():
-    import random
 
-    from deployq.elastic import convert
-    from deployq.train import choose_subnets
 
     cfg = TrainConfig(input_size=8, width=4)
     net = convert(build_model("resnet20", num_classes=10, input_size=8, width=4).eval(), cfg.space)
